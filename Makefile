@@ -1,0 +1,41 @@
+# One-command setup for a fresh clone (Python 3.10+, a C++ compiler).
+#   make demo   - create .venv, build mmh_fast, run `mmh-fast demo`
+#   make test   - create .venv, build mmh_fast, run the test suite
+#   make bench  - run the benchmark suite (quick tier)
+#   make cuda-check - nvcc compile check of every csrc/cuda/*.cu (needs nvcc)
+# TORCH_SPEC selects the torch build (the default is the CPU wheel on this
+# machine's disk; use e.g. TORCH_SPEC="torch==2.13.0 --index-url ..." for CUDA).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+.PHONY: demo test bench build cuda-check clean
+
+$(VENV)/.deps: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC) setuptools wheel pybind11 ninja
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+# Incremental (ninja) in-place build of mmh_fast._C; a no-op when nothing changed.
+build: $(VENV)/.deps
+	$(PY) setup.py -q build_ext --inplace
+
+demo: build
+	$(VENV)/bin/mmh-fast demo $(DEMO_ARGS)
+
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: build
+	$(PY) -m pytest bench -q --benchmark-enable --benchmark-only $(BENCH_ARGS)
+
+cuda-check: $(VENV)/.deps
+	cmake -S . -B build/cuda-check -DPython_EXECUTABLE=$(abspath $(PY))
+	cmake --build build/cuda-check -j $(MAX_JOBS)
+
+clean:
+	rm -rf build mmh_fast/_C*.so

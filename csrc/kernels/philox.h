@@ -1,0 +1,106 @@
+// Counter-based random numbers for Hutchinson probes (Philox4x32-10,
+// Salmon et al., SC'11). Torch-free and usable from host and device code.
+//
+// Every probe entry is a pure function of (seed, sample id, probe index,
+// element index): a sample's probes never depend on the batch it is in or on
+// the order in which samples or probes are visited, and CPU, CUDA and the
+// plain-PyTorch reference produce the same bits.
+//
+// Counter layout for element e of probe p of sample s (one Philox call gives
+// four 32-bit words, i.e. four consecutive elements):
+//   c0 = e / 4, c1 = p, c2 = low 32 bits of s, c3 = high 32 bits of s
+//   key = (low 32 bits of seed, high 32 bits of seed)
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define MMH_HD __host__ __device__ __forceinline__
+#define MMH_UNROLL _Pragma("unroll")
+#else
+#define MMH_HD inline
+#define MMH_UNROLL
+#endif
+
+namespace mmh {
+namespace philox {
+
+constexpr uint32_t kM0 = 0xD2511F53u;
+constexpr uint32_t kM1 = 0xCD9E8D57u;
+constexpr uint32_t kW0 = 0x9E3779B9u;
+constexpr uint32_t kW1 = 0xBB67AE85u;
+
+struct U32x4 {
+  uint32_t v[4];
+};
+
+MMH_HD void mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+  const uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  hi = static_cast<uint32_t>(p >> 32);
+  lo = static_cast<uint32_t>(p);
+}
+
+MMH_HD U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                           uint32_t k0, uint32_t k1) {
+MMH_UNROLL
+  for (int r = 0; r < 10; ++r) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo(kM0, c0, hi0, lo0);
+    mulhilo(kM1, c2, hi1, lo1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0;
+    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+    k0 += kW0;
+    k1 += kW1;
+  }
+  U32x4 out;
+  out.v[0] = c0;
+  out.v[1] = c1;
+  out.v[2] = c2;
+  out.v[3] = c3;
+  return out;
+}
+
+// The four words that cover elements [4 * block, 4 * block + 4).
+MMH_HD U32x4 block_words(uint64_t seed, uint64_t sample, uint64_t probe,
+                         uint64_t block) {
+  return philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(probe),
+                       static_cast<uint32_t>(sample),
+                       static_cast<uint32_t>(sample >> 32),
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// Rademacher value (+1 / -1) from the top bit of a word.
+MMH_HD double rademacher(uint32_t w) { return (w >> 31) ? -1.0 : 1.0; }
+
+// Uniform in the open interval (0, 1) from a 32-bit word.
+MMH_HD double open_uniform(uint32_t w) {
+  return (static_cast<double>(w) + 0.5) * 2.3283064365386963e-10;  // 2^-32
+}
+
+// Four values of one block. kind 0: Rademacher; kind 1: standard Gaussian by
+// Box-Muller on the word pairs (0, 1) and (2, 3), evaluated in double.
+MMH_HD void block_values(const U32x4& w, int kind, double out[4]) {
+  if (kind == 0) {
+MMH_UNROLL
+    for (int i = 0; i < 4; ++i) out[i] = rademacher(w.v[i]);
+    return;
+  }
+  constexpr double kTwoPi = 6.283185307179586476925286766559;
+MMH_UNROLL
+  for (int pair = 0; pair < 2; ++pair) {
+    const double u1 = open_uniform(w.v[2 * pair]);
+    const double u2 = open_uniform(w.v[2 * pair + 1]);
+    const double r = sqrt(-2.0 * log(u1));
+    const double th = kTwoPi * u2;
+    out[2 * pair] = r * cos(th);
+    out[2 * pair + 1] = r * sin(th);
+  }
+}
+
+}  // namespace philox
+}  // namespace mmh

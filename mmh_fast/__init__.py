@@ -1,0 +1,8 @@
+"""mmh_fast: find, explain and prevent memorization in generative models
+through local intrinsic dimension (the manifold memorization hypothesis)."""
+__version__ = "0.1.0"
+
+from ._native import backend_info  # noqa: E402
+from . import ops  # noqa: E402
+
+__all__ = ["__version__", "backend_info", "ops"]

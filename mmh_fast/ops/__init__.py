@@ -1,0 +1,6 @@
+"""Native kernels, one entry per kernel family; the backend (CPU or CUDA) is
+chosen by the device of the input. Plain-PyTorch statements of each kernel are
+in :mod:`mmh_fast.ops.reference`."""
+from .hutchinson import hutchinson_probes, hutchinson_trace
+
+__all__ = ["hutchinson_probes", "hutchinson_trace"]

@@ -1,0 +1,82 @@
+"""Plain-PyTorch statements of every native kernel.
+
+These are the tests' truth and the readable version of the math: no native
+code, no tricks beyond what is needed to express the same computation. They
+are slow; the entries in :mod:`mmh_fast.ops` dispatch to the compiled kernels.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["philox4x32_10", "hutchinson_probes", "hutchinson_reduce"]
+
+_MASK32 = 0xFFFFFFFF
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """32 x 32 -> 64-bit product split in (hi, lo) words, in int64 arithmetic
+    without overflow (b is split into 16-bit halves)."""
+    b_lo = b & 0xFFFF
+    b_hi = b >> 16
+    p1 = a * b_lo  # < 2^48
+    p2 = a * b_hi  # < 2^48
+    t = p1 + ((p2 & 0xFFFF) << 16)
+    lo = t & _MASK32
+    hi = (p2 >> 16) + (t >> 32)
+    return hi & _MASK32, lo
+
+
+def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
+    """Philox4x32-10 (Salmon et al. 2011) on int64 tensors holding uint32 words.
+    Returns the four output words. Mirrors csrc/kernels/philox.h."""
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3))
+    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(_M0, c0)
+        hi1, lo1 = _mulhilo(_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _W0) & _MASK32
+        k1 = (k1 + _W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def hutchinson_probes(sample_ids: torch.Tensor, numel: int, probe_begin: int, n_probes: int,
+                      seed: int, kind: str = "rademacher", dtype=torch.float32) -> torch.Tensor:
+    """Probes [n_probes, B, numel]: entry e of probe p of sample s is a pure
+    function of (seed, s, probe_begin + p, e). Rademacher from the top bit of
+    each word; Gaussian by Box-Muller on word pairs (0, 1) and (2, 3), in float64."""
+    ids = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(1, -1, 1)
+    blocks = (numel + 3) // 4
+    p = torch.arange(probe_begin, probe_begin + n_probes, dtype=torch.int64).reshape(-1, 1, 1)
+    blk = torch.arange(blocks, dtype=torch.int64).reshape(1, 1, -1)
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    words = philox4x32_10(blk, p, ids & _MASK32, (ids >> 32) & _MASK32, seed & _MASK32, seed >> 32)
+    w = torch.stack(torch.broadcast_tensors(*words), dim=-1)  # [P, B, blocks, 4]
+    if kind == "rademacher":
+        v = torch.where((w >> 31) == 1, -1.0, 1.0).to(torch.float64)
+    elif kind == "gaussian":
+        u = (w.to(torch.float64) + 0.5) * 2.0 ** -32
+        r = torch.sqrt(-2.0 * torch.log(u[..., 0::2]))
+        th = 2.0 * math.pi * u[..., 1::2]
+        v = torch.stack([r[..., 0] * torch.cos(th[..., 0]), r[..., 0] * torch.sin(th[..., 0]),
+                         r[..., 1] * torch.cos(th[..., 1]), r[..., 1] * torch.sin(th[..., 1])], dim=-1)
+    else:
+        raise ValueError(f"kind must be 'rademacher' or 'gaussian', got {kind!r}")
+    return v.reshape(n_probes, ids.shape[1], blocks * 4)[..., :numel].to(dtype)
+
+
+def hutchinson_reduce(av: torch.Tensor, sample_ids: torch.Tensor, probe_begin: int, seed: int,
+                      kind: str = "rademacher"):
+    """(mean over probes of v . av [B], its standard error [B], dots [P, B]) in float64,
+    for av [P, B, n] = A v with v the probes of :func:`hutchinson_probes`."""
+    P, B, n = av.shape
+    v = hutchinson_probes(sample_ids, n, probe_begin, P, seed, kind, torch.float64)
+    dots = (v * av.to(torch.float64)).sum(-1)
+    mean = dots.mean(0)
+    se = dots.std(0, unbiased=True) / math.sqrt(P) if P > 1 else torch.full((B,), float("nan"),
+                                                                            dtype=torch.float64)
+    return mean, se, dots

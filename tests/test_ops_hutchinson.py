@@ -1,0 +1,146 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import mmh_fast
+from mmh_fast import ops
+from mmh_fast.ops import reference as ref
+
+
+def test_backend_info_reports_native():
+    info = mmh_fast.backend_info()
+    assert info["native"] is True
+    assert isinstance(info["cuda"], bool)
+    assert info["version"] == mmh_fast.__version__
+
+
+def test_philox_known_answer():
+    # Published Philox4x32-10 test vectors (Random123 kat_vectors).
+    out = ref.philox4x32_10(0, 0, 0, 0, 0, 0)
+    assert [int(o) for o in out] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    out = ref.philox4x32_10(0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF)
+    assert [int(o) for o in out] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    out = ref.philox4x32_10(0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344, 0xA4093822, 0x299F31D0)
+    assert [int(o) for o in out] == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_probes_match_reference(device, kind, dtype):
+    ids = torch.tensor([0, 5, 2**33 + 7], dtype=torch.int64)
+    got = ops.hutchinson_probes((3, 2, 7, 5), 4, probe=kind, seed=12345678901, sample_ids=ids,
+                                probe_begin=3, dtype=dtype, device=device)
+    want = ref.hutchinson_probes(ids, 70, 3, 4, 12345678901, kind, dtype).reshape(4, 3, 2, 7, 5)
+    assert got.shape == (4, 3, 2, 7, 5) and got.dtype == dtype
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-12 if dtype == torch.float64 else 1e-6,
+                               atol=1e-12 if dtype == torch.float64 else 1e-6)
+
+
+def test_rademacher_values_and_balance():
+    v = ops.hutchinson_probes((64, 1000), 2, probe="rademacher", seed=1, dtype=torch.float64)
+    assert set(v.unique().tolist()) == {-1.0, 1.0}
+    # mean of 128,000 +-1 values: |mean| < 5 / sqrt(n)
+    assert abs(float(v.mean())) < 5 / math.sqrt(v.numel())
+
+
+def test_gaussian_moments():
+    v = ops.hutchinson_probes((50, 4000), 1, probe="gaussian", seed=3, dtype=torch.float64).flatten()
+    n = v.numel()
+    assert abs(float(v.mean())) < 5 / math.sqrt(n)
+    assert abs(float(v.var()) - 1) < 5 * math.sqrt(2 / n)
+    assert abs(float((v**3).mean())) < 5 * math.sqrt(15 / n)
+    assert abs(float((v**4).mean()) - 3) < 5 * math.sqrt(96 / n)
+
+
+def test_probes_do_not_depend_on_batch():
+    full = ops.hutchinson_probes((8, 33), 3, seed=9, sample_ids=torch.arange(8))
+    part = ops.hutchinson_probes((3, 33), 3, seed=9, sample_ids=torch.tensor([6, 1, 4]))
+    torch.testing.assert_close(part, full[:, [6, 1, 4]], rtol=0, atol=0)
+    # probe streams continue: probes 1..2 equal probes [1:3] of a 3-probe draw
+    tail = ops.hutchinson_probes((8, 33), 2, seed=9, probe_begin=1)
+    torch.testing.assert_close(tail, full[1:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_reduce_matches_reference(device, dtype):
+    ids = torch.tensor([3, 1, 4, 1 << 40])
+    av = torch.randn(5, 4, 40000, dtype=torch.float64).to(dtype)
+    fn = getattr(mmh_fast._native.native(), f"hutchinson_reduce_{device.type}")
+    mean, se, dots = fn(av.to(device), ids.to(device), 2, 77, 1)
+    rmean, rse, rdots = ref.hutchinson_reduce(av, ids, 2, 77, "gaussian")
+    torch.testing.assert_close(dots.cpu(), rdots, rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(mean.cpu(), rmean, rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(se.cpu(), rse, rtol=1e-10, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_trace_within_five_standard_errors(device, kind):
+    g = torch.Generator().manual_seed(0)
+    B, n = 6, 30
+    M = torch.randn(B, n, n, generator=g, dtype=torch.float64)
+    A = (M + M.transpose(1, 2)) / 2 + 3 * torch.eye(n, dtype=torch.float64)
+    A = A.to(device)
+    x = torch.zeros(B, n, dtype=torch.float64, device=device)
+    tr, se = ops.hutchinson_trace(lambda v: torch.einsum("bij,bj->bi", A, v), x, n_probes=400,
+                                  probe=kind, seed=5, return_stderr=True)
+    exact = torch.diagonal(A, dim1=1, dim2=2).sum(-1)
+    assert tr.dtype == torch.float64 and se.shape == (B,)
+    assert bool((se > 0).all())
+    assert bool(((tr - exact).abs() < 5 * se).all()), (tr, exact, se)
+
+
+def test_trace_same_sample_same_value_in_any_batch():
+    n = 12
+    A = torch.randn(n, n, dtype=torch.float64)
+    mv = lambda v: v @ A.T  # noqa: E731
+    x = torch.zeros(10, n, dtype=torch.float64)
+    full = ops.hutchinson_trace(mv, x, 3, seed=11, sample_ids=torch.arange(10))
+    sub = ops.hutchinson_trace(mv, x[:4], 3, seed=11, sample_ids=torch.tensor([7, 2, 9, 0]))
+    torch.testing.assert_close(sub, full[[7, 2, 9, 0]], rtol=0, atol=0)
+
+
+def test_trace_numpy_in_numpy_out():
+    x = np.zeros((3, 4), dtype=np.float64)
+    out = ops.hutchinson_trace(lambda v: 2 * v, x, 2)
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_allclose(out, 8.0)  # Rademacher: v.(2v) = 2 * 4 exactly
+
+
+def test_bad_input_errors():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="n_probes"):
+        ops.hutchinson_trace(lambda v: v, x, 0)
+    with pytest.raises(ValueError, match="probe must be"):
+        ops.hutchinson_trace(lambda v: v, x, 1, probe="uniform")
+    with pytest.raises(ValueError, match="return_stderr"):
+        ops.hutchinson_trace(lambda v: v, x, 1, return_stderr=True)
+    with pytest.raises(ValueError, match="matvec must return"):
+        ops.hutchinson_trace(lambda v: v[:, :2], x, 1)
+    with pytest.raises(ValueError, match="batch"):
+        ops.hutchinson_trace(lambda v: v, torch.zeros(0, 3), 1)
+    with pytest.raises(TypeError, match="x must be"):
+        ops.hutchinson_trace(lambda v: v, [1.0, 2.0], 1)
+    with pytest.raises(TypeError, match="floating"):
+        ops.hutchinson_trace(lambda v: v, torch.zeros(2, 3, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match="sample_ids"):
+        ops.hutchinson_probes((2, 3), 1, sample_ids=torch.tensor([1]))
+    with pytest.raises(ValueError, match="non-negative"):
+        ops.hutchinson_probes((2, 3), 1, sample_ids=torch.tensor([1, -1]))
+
+
+def test_native_checks_raise_value_errors():
+    C = mmh_fast._native.native()
+    with pytest.raises(ValueError, match="av must be a 3-D"):
+        C.hutchinson_reduce_cpu(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64), 0, 0, 0)
+    with pytest.raises(ValueError, match="probe kind"):
+        C.hutchinson_probes_cpu(torch.zeros(2, dtype=torch.int64), 3, 0, 1, 0, 5, torch.float32)
+
+
+@pytest.mark.cuda
+def test_cuda_probes_bitwise_equal_cpu():
+    ids = torch.arange(5)
+    a = ops.hutchinson_probes((5, 101), 2, probe="rademacher", seed=4, sample_ids=ids)
+    b = ops.hutchinson_probes((5, 101), 2, probe="rademacher", seed=4, sample_ids=ids, device="cuda")
+    torch.testing.assert_close(a, b.cpu(), rtol=0, atol=0)
