@@ -1,7 +1,11 @@
 """Build mmh_fast._C: the C++ CPU kernels and bindings always; the CUDA
 kernels when torch has CUDA and nvcc is found (FORCE_CUDA=1 insists,
 FORCE_CPU=1 skips them). TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured by
-torch.utils.cpp_extension."""
+torch.utils.cpp_extension.
+
+MMH_SKIP_EXT=1 installs the Python package without compiling (the Makefile
+does this for the editable install, then builds the extension in place with
+ninja so that rebuilds are incremental)."""
 import glob
 import os
 
@@ -35,6 +39,8 @@ def _with_cuda():
 
 
 def extensions():
+    if os.getenv("MMH_SKIP_EXT", "0") == "1":
+        return []
     sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     sources += _rel(glob.glob(os.path.join(ROOT, "bindings", "*.cpp")))
     # at::parallel_for is OpenMP in ATen's headers: without -fopenmp it runs serially.
