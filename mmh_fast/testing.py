@@ -1,0 +1,236 @@
+"""Closed-form diffusion models with known answers.
+
+They have the diffusers call signature ``model(sample, timestep, **kwargs)``
+and return the exact eps of their distribution under a schedule, so any
+estimator (FLIPD, normal bundle, CFG norms, SolidMark inpainting) can be
+checked against ground truth before it is trusted on a real network.
+
+- :class:`GaussianMixtureEps`: a mixture of Gaussians on affine subspaces of
+  chosen dimensions (dimension 0 = a point mass). Under the forward process
+  x_t = psi x_0 + sigma e, component i is N(psi mu_i, psi^2 U_i diag(lam_i) U_i^T + sigma^2 I);
+  its score follows from Woodbury's identity. LID of a point of component i is k_i,
+  and at the component mean FLIPD(mu_i, t) = k_i lam / (lam + sigma^2) exactly
+  (lam = psi^2 * variance, single component).
+- :class:`EmpiricalEps`: the optimal denoiser of a finite training set — the
+  score of the empirical distribution (convolved with N(0, h^2 I) when a
+  smoothing ``bandwidth`` h > 0 is given). With h = 0 it is a perfect
+  memorizer: every training point is a 0-dimensional point of its manifold.
+
+All computation is in float64; outputs are cast to the input dtype.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .models.schedules import Schedule, make_schedule
+
+__all__ = ["GaussianMixtureEps", "EmpiricalEps", "DenoiserOutput"]
+
+
+@dataclass
+class DenoiserOutput:
+    """Mirror of diffusers' UNet2DOutput: the prediction in ``.sample``."""
+
+    sample: torch.Tensor
+
+
+class _ClosedForm(torch.nn.Module):
+    def __init__(self, scheduler, prediction_type: str):
+        super().__init__()
+        self.schedule: Schedule = make_schedule(scheduler, warn_default=False)
+        if prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
+        self.prediction_type = prediction_type
+        # a dummy parameter so that dtype/device queries work like on a network
+        self.register_buffer("_anchor", torch.zeros((), dtype=torch.float64))
+
+    def _psi_sigma(self, timestep, batch: int, device):
+        ts = torch.as_tensor(timestep, dtype=torch.float64, device=device)
+        if ts.dim() == 0:
+            ts = ts.expand(batch)
+        psi, sigma = self.schedule.psi_sigma_from_timestep(ts.cpu())
+        return psi.to(device).reshape(batch, 1), sigma.to(device).reshape(batch, 1)
+
+    def eps_flat(self, x: torch.Tensor, psi: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, sample: torch.Tensor, timestep, *args, return_dict: bool = True, **kwargs):
+        B = sample.shape[0]
+        x = sample.reshape(B, -1).to(torch.float64)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"sample has {x.shape[1]} features per item, the model has {self.dim}")
+        psi, sigma = self._psi_sigma(timestep, B, sample.device)
+        eps = self.eps_flat(x, psi, sigma)
+        if self.prediction_type == "sample":
+            out = (x - sigma * eps) / psi
+        elif self.prediction_type == "v_prediction":
+            x0 = (x - sigma * eps) / psi
+            out = psi * eps - sigma * x0
+        else:
+            out = eps
+        out = out.reshape(sample.shape).to(sample.dtype)
+        return DenoiserOutput(out) if return_dict else (out,)
+
+    def score(self, x_t: torch.Tensor, psi: float, sigma: float) -> torch.Tensor:
+        """Exact score at noisy points x_t [B, ...] for the kernel (psi, sigma)."""
+        B = x_t.shape[0]
+        x = x_t.reshape(B, -1).to(torch.float64)
+        p = torch.full((B, 1), float(psi), dtype=torch.float64, device=x.device)
+        s = torch.full((B, 1), float(sigma), dtype=torch.float64, device=x.device)
+        return (-self.eps_flat(x, p, s) / s).reshape(x_t.shape)
+
+
+class GaussianMixtureEps(_ClosedForm):
+    """Mixture of Gaussians on affine subspaces with its exact eps.
+
+    Args:
+        means: [K, *sample_shape] component means.
+        bases: K orthonormal bases, each [d, k_i] (k_i = 0: a point mass), d = prod(sample_shape).
+        variances: variance along the subspace, a float or K floats.
+        weights: K mixture weights (default uniform).
+        scheduler: diffusers scheduler or :class:`Schedule` mapping timesteps to
+            (psi, sigma) (default: DDPMScheduler() defaults).
+        prediction_type: what the network returns: "epsilon", "sample" or "v_prediction".
+
+    Use :meth:`random` to build one from a list of dimensions.
+    """
+
+    def __init__(self, means: torch.Tensor, bases: Sequence[torch.Tensor], variances=1.0, weights=None, *,
+                 scheduler=None, prediction_type: str = "epsilon"):
+        super().__init__(scheduler, prediction_type)
+        means = torch.as_tensor(means, dtype=torch.float64)
+        K = means.shape[0]
+        self.sample_shape = tuple(means.shape[1:])
+        self.dim = int(math.prod(self.sample_shape))
+        if len(bases) != K:
+            raise ValueError(f"need one basis per component: {K} means, {len(bases)} bases")
+        var = torch.as_tensor(variances, dtype=torch.float64).reshape(-1).expand(K).clone()
+        if bool((var <= 0).any()):
+            raise ValueError("variances must be positive")
+        w = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else \
+            torch.as_tensor(weights, dtype=torch.float64)
+        if w.shape != (K,) or bool((w <= 0).any()):
+            raise ValueError("weights must be K positive numbers")
+        self.register_buffer("means", means.reshape(K, self.dim))
+        self.register_buffer("variances", var)
+        self.register_buffer("log_weights", torch.log(w / w.sum()))
+        dims = []
+        kmax = max([int(torch.as_tensor(b).shape[-1]) for b in bases] + [1])
+        U = torch.zeros(K, self.dim, kmax, dtype=torch.float64)
+        for i, b in enumerate(bases):
+            b = torch.as_tensor(b, dtype=torch.float64).reshape(self.dim, -1)
+            k = b.shape[1]
+            if k and not torch.allclose(b.T @ b, torch.eye(k, dtype=torch.float64), atol=1e-8):
+                raise ValueError(f"basis {i} must have orthonormal columns")
+            U[i, :, :k] = b
+            dims.append(k)
+        self.register_buffer("bases", U)  # zero-padded to kmax columns
+        self.dims = dims
+
+    @classmethod
+    def random(cls, dims: Sequence[int], sample_shape=(16,), *, separation: float = 10.0, variances=1.0,
+               weights=None, seed: int = 0, scheduler=None, prediction_type: str = "epsilon"):
+        """Components of the given dimensions with random orthonormal bases and
+        means drawn with scale ``separation`` (well separated for the default)."""
+        g = torch.Generator().manual_seed(seed)
+        d = int(math.prod(sample_shape))
+        if any(k < 0 or k > d for k in dims):
+            raise ValueError(f"component dimensions must lie in [0, {d}], got {list(dims)}")
+        means = separation * torch.randn(len(dims), d, generator=g, dtype=torch.float64) / math.sqrt(d)
+        bases = [torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))[0] if k else
+                 torch.zeros(d, 0, dtype=torch.float64) for k in dims]
+        return cls(means.reshape(len(dims), *sample_shape), bases, variances, weights,
+                   scheduler=scheduler, prediction_type=prediction_type)
+
+    def eps_flat(self, x, psi, sigma):
+        # x [B, d]; psi, sigma [B, 1]
+        s2 = sigma**2  # [B,1]
+        r = x[:, None, :] - psi[:, :, None] * self.means[None]  # [B,K,d]
+        proj = torch.einsum("bkd,kdj->bkj", r, self.bases)  # [B,K,kmax]
+        lam = (psi**2) * self.variances[None]  # [B,K]
+        c = (lam / (lam + s2))[:, :, None]  # shrinkage along the subspace
+        cproj = c * proj  # padded basis columns are zero, so they contribute nothing
+        sinv_r = (r - torch.einsum("bkj,kdj->bkd", cproj, self.bases)) / s2[:, :, None]  # Sigma^-1 r
+        quad = (r * sinv_r).sum(-1)  # [B,K]
+        ks = torch.tensor(self.dims, dtype=torch.float64, device=x.device)
+        logdet = self.dim * torch.log(s2) + ks[None] * torch.log1p(lam / s2)
+        logp = self.log_weights[None] - 0.5 * quad - 0.5 * logdet
+        resp = torch.softmax(logp, dim=1)  # [B,K]
+        score = -(resp[:, :, None] * sinv_r).sum(1)
+        return -sigma * score
+
+    def sample_x0(self, n: int, *, generator: torch.Generator | None = None):
+        """Draw n clean points; returns (x0 [n, *sample_shape], component labels [n])."""
+        comp = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
+        z = torch.randn(n, self.bases.shape[-1], generator=generator, dtype=torch.float64)
+        ks = torch.tensor(self.dims)[comp]
+        z = z * (torch.arange(z.shape[1])[None] < ks[:, None]) * self.variances[comp, None].sqrt()
+        x0 = self.means[comp] + torch.einsum("ndj,nj->nd", self.bases[comp], z)
+        return x0.reshape(n, *self.sample_shape), comp
+
+    def flipd_at_mean(self, component: int, t: float) -> float:
+        """Exact FLIPD(mu_i, t) for an isolated component: k lam / (lam + sigma^2)."""
+        psi, sigma = self.schedule.psi_sigma(t)
+        lam = float(psi) ** 2 * float(self.variances[component])
+        return self.dims[component] * lam / (lam + float(sigma) ** 2)
+
+
+class EmpiricalEps(_ClosedForm):
+    """Optimal denoiser of a finite training set.
+
+    eps(x_t) = sigma (x_t - psi E[x_0 | x_t]) / (psi^2 h^2 + sigma^2) with
+    E[x_0 | x_t] the softmax-weighted mean of the training points,
+    weights proportional to exp(-|x_t - psi x_i|^2 / (2 (psi^2 h^2 + sigma^2))).
+
+    Args:
+        train: [N, *sample_shape] training points.
+        bandwidth: smoothing h >= 0 (0: a perfect memorizer; larger values blur
+            the point masses into full-dimensional Gaussians and turn memorization down).
+        scheduler, prediction_type: as :class:`GaussianMixtureEps`.
+        chunk_size: training points per chunk (bounds memory for large N).
+    """
+
+    def __init__(self, train, *, bandwidth: float = 0.0, scheduler=None, prediction_type: str = "epsilon",
+                 chunk_size: int = 4096):
+        super().__init__(scheduler, prediction_type)
+        train = torch.as_tensor(train, dtype=torch.float64)
+        if train.dim() < 2 or train.shape[0] == 0:
+            raise ValueError(f"train must be [N, ...] with N >= 1, got shape {tuple(train.shape)}")
+        if not bool(torch.isfinite(train).all()):
+            raise ValueError("train contains NaN or inf")
+        if bandwidth < 0:
+            raise ValueError(f"bandwidth must be >= 0, got {bandwidth}")
+        self.sample_shape = tuple(train.shape[1:])
+        self.dim = int(math.prod(self.sample_shape))
+        self.register_buffer("points", train.reshape(train.shape[0], self.dim))
+        self.register_buffer("points_sq", (self.points**2).sum(1))
+        self.bandwidth = float(bandwidth)
+        self.chunk_size = int(chunk_size)
+
+    def posterior_mean(self, x, psi, var):
+        """E[x_0 | x_t] [B, d] by a streaming log-sum-exp over training chunks."""
+        B = x.shape[0]
+        m = torch.full((B, 1), -math.inf, dtype=torch.float64, device=x.device)
+        z = torch.zeros(B, 1, dtype=torch.float64, device=x.device)
+        acc = torch.zeros(B, self.dim, dtype=torch.float64, device=x.device)
+        xsq = (x**2).sum(1, keepdim=True)
+        for i in range(0, self.points.shape[0], self.chunk_size):
+            tr = self.points[i:i + self.chunk_size]
+            d2 = xsq - 2 * psi * (x @ tr.T) + psi**2 * self.points_sq[i:i + self.chunk_size][None]
+            logit = -d2.clamp_min(0) / (2 * var)
+            m_new = torch.maximum(m, logit.max(1, keepdim=True).values)
+            scale = torch.exp(m - m_new)
+            w = torch.exp(logit - m_new)
+            z = z * scale + w.sum(1, keepdim=True)
+            acc = acc * scale + w @ tr
+            m = m_new
+        return acc / z
+
+    def eps_flat(self, x, psi, sigma):
+        var = psi**2 * self.bandwidth**2 + sigma**2
+        x0 = self.posterior_mean(x, psi, var)
+        return sigma * (x - psi * x0) / var
