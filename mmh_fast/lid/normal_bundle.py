@@ -101,26 +101,26 @@ def normal_bundle(model, x, t0: float = 0.01, *, scheduler=None, cond=None, unco
         pts = torch.arange(g0, min(B, g0 + group), device=z.device)
         G = len(pts)
         gid = ids.index_select(0, pts)
-        # noise [K, G, d] keyed by (seed, sample id, copy index), copy-major like the probes
-        e = gen(gid, d, _NB_STREAM, K, seed, _PROBE_GAUSSIAN, z.dtype)
-        S = torch.empty(G, K, d, dtype=z.dtype, device=z.device)
-        flat_pt = pts.repeat_interleave(K)            # row r of the group -> point index
-        flat_k = torch.arange(K, device=z.device).repeat(G)
+        # noise keyed by (seed, sample id, copy index); [K, G, d] -> [G, K, d]
+        e = gen(gid, d, _NB_STREAM, K, seed, _PROBE_GAUSSIAN, z.dtype).transpose(0, 1)
+        Y = (psi * z.index_select(0, pts).reshape(G, 1, d) + sigma * e).reshape((G * K,) + tuple(z.shape[1:]))
+        S = torch.empty(G * K, d, dtype=z.dtype, device=z.device)
         for r0 in range(0, G * K, rows_cap):
             r1 = min(G * K, r0 + rows_cap)
-            p_idx, k_idx = flat_pt[r0:r1], flat_k[r0:r1]
-            local = p_idx - g0
-            noise = e[k_idx, local]  # [rows, d]
-            y = (psi * z.index_select(0, p_idx).reshape(r1 - r0, d) + sigma * noise).reshape(
-                (r1 - r0,) + tuple(z.shape[1:]))
-            c, u = res.kwargs_for(p_idx, B)
+            # rows r0..r1 belong to points r // K of the group
+            p_idx = torch.arange(r0 // K, (r1 - 1) // K + 1, device=z.device)
+            counts = torch.full_like(p_idx, K)
+            counts[0] -= r0 - int(p_idx[0]) * K
+            counts[-1] -= (int(p_idx[-1]) + 1) * K - r1
+            c, u = res.kwargs_for(torch.repeat_interleave(pts[p_idx], counts), B)
 
             def f(inp, c=c, u=u):
                 return den.eps_at(inp, psi, sigma, ts, cond=c, uncond=u, guidance_scale=res.guidance_scale)
 
             with torch.no_grad():
-                eps = _call_checked(f, y)
-            S[local, k_idx] = (-eps.reshape(r1 - r0, d) / sigma).to(S.dtype)
+                eps = _call_checked(f, Y[r0:r1])
+            S[r0:r1] = eps.reshape(r1 - r0, d).to(S.dtype)
+        S = S.reshape(G, K, d).mul_(-1.0 / sigma)
         if center:
             S = S - S.mean(dim=1, keepdim=True)
         t_g = thr[g0:g0 + G] if isinstance(thr, torch.Tensor) and thr.dim() == 1 and thr.numel() == B else thr
