@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.schedules import check_t
 from ..ops._dispatch import kernel
 from ..ops.svd_rank import svd_rank
 from .flipd import _call_checked, _check_int, _prepare
@@ -74,8 +75,6 @@ def normal_bundle(model, x, t0: float = 0.01, *, scheduler=None, cond=None, unco
         raise ValueError("rule='threshold' needs a threshold (e.g. exp(-2 tau) as the reference)")
     if rule != "threshold" and threshold is not None:
         raise ValueError(f"threshold is only used by rule='threshold', got rule={rule!r}")
-    from ..models.schedules import check_t
-
     t0 = check_t(t0, "t0")
     seed = _check_int(seed, "seed", 0)
     res, z, ids, back, out_dev = _prepare(model, x, scheduler=scheduler, cond=cond, uncond=uncond,

@@ -82,8 +82,8 @@ class MLPDenoiser(nn.Module):
 
 def train_denoiser(model: nn.Module, data: torch.Tensor, *, scheduler=None, steps: int = 2000,
                    batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.0, t_min: float = 1e-3,
-                   t_power: float = 1.0, prediction_type: str | None = None, seed: int = 0, grad_clip: float | None = 1.0,
-                   lr_warmup: int = 0, cosine: bool = True, callback: Callable | None = None) -> list[float]:
+                   t_power: float = 1.0, prediction_type: str | None = None, seed: int = 0,
+                   grad_clip: float | None = 1.0, lr_warmup: int = 0, cosine: bool = True, callback: Callable | None = None) -> list[float]:
     """Train ``model`` in place by denoising score matching on ``data``.
 
     Args:
