@@ -647,31 +647,34 @@ class _Noise:
         return z
 
 
-def _repaint(den: Denoiser, known: torch.Tensor, keep: torch.Tensor, times: list[float], path: list[int],
-             noise: _Noise, model_kwargs: Callable[[int], dict], guidance_scale, paste: Callable | None = None):
+def _repaint(den: Denoiser, known: torch.Tensor | None, keep: torch.Tensor | None, times: list[float],
+             path: list[int], noise: _Noise, model_kwargs: Callable[[int], dict], guidance_scale,
+             paste: Callable | None = None, shape=None):
     """RePaint-style inpainting (Lugmayr et al. 2022) in the continuous-time view.
 
-    known [B, ...] clean known pixels (interior; other values ignored), keep
-    [...] bool (True = known). Each reverse step t -> s (s < t) samples the
-    unknown part from the Gaussian posterior q(x_s | x_t, x0_hat) with
-    a = psi_t / psi_s, v = sigma_t^2 - a^2 sigma_s^2:
+    Pixel mode (``paste`` None): ``known`` [B, ...] clean known pixels (values
+    outside ``keep`` ignored), ``keep`` [...] bool (True = known). Each reverse
+    step t -> s (s < t) samples the unknown part from the Gaussian posterior
+    q(x_s | x_t, x0_hat), with a = psi_t / psi_s, v = sigma_t^2 - a^2 sigma_s^2:
         mean = a sigma_s^2 / sigma_t^2 x_t + psi_s v / sigma_t^2 x0_hat,
         var  = v sigma_s^2 / sigma_t^2,
     and the known part from the forward kernel psi_s x_known + sigma_s z
-    (re-noised to the new level and pasted). Forward jumps t -> t' > t use
-    q(x_t' | x_t) = N(a x_t, (sigma_t'^2 - a^2 sigma_t^2) I), a = psi_t'/psi_t.
-    The result is x0_hat at the lowest level with the known pixels pasted.
+    (re-noised to the new level and pasted). Forward jumps t -> t' > t
+    (resampling) draw q(x_t' | x_t) = N(a x_t, (sigma_t'^2 - a^2 sigma_t^2) I),
+    a = psi_t' / psi_t. Returns x0_hat at the lowest level with the known
+    pixels pasted.
 
-    ``paste(x0_hat) -> x0`` optionally replaces the plain pixel paste of the
-    x0 prediction (used by the latent path)."""
-    dev, dt = known.device, torch.float32
-    known = known.to(dt)
-    keepf = keep.to(device=dev, dtype=dt)
-    shape = known.shape[1:]
-    coeff = []
-    for t in times:
-        psi, sigma, ts = den.coefficients(t, dev)
-        coeff.append((psi, sigma, ts))
+    Paste mode (latent inpainting): ``paste(x0_hat) -> x0`` puts the known
+    content into every x0 prediction (decode, paste pixels, re-encode), and
+    the posterior step then re-noises it to the next level; ``shape`` gives
+    the per-sample latent shape. Returns the raw x0_hat of the last level.
+    """
+    dev, dt = model_device(den.model), torch.float32
+    if paste is None:
+        known = known.to(device=dev, dtype=dt)
+        keepf = keep.to(device=dev, dtype=dt)
+        shape = known.shape[1:]
+    coeff = [den.coefficients(t, dev) for t in times]
     top = path[0]
     psi, sigma, _ = coeff[top]
     x = sigma * noise(shape, dev, dt)
@@ -680,16 +683,16 @@ def _repaint(den: Denoiser, known: torch.Tensor, keep: torch.Tensor, times: list
 
     def x0_of(x, lvl):
         psi, sigma, ts = coeff[lvl]
-        kw = model_kwargs(lvl)
-        eps = den.eps_at(x, psi, sigma, ts, guidance_scale=guidance_scale, **kw)
-        x0 = (x - sigma * eps.to(dt)) / psi
-        return x0 if paste is None else paste(x0)
+        eps = den.eps_at(x, psi, sigma, ts, guidance_scale=guidance_scale, **model_kwargs(lvl))
+        return (x - sigma * eps.to(dt)) / psi
 
     for cur, nxt in zip(path[:-1], path[1:]):
         psi_t, sig_t, _ = coeff[cur]
         psi_s, sig_s, _ = coeff[nxt]
         if nxt < cur:
             x0 = x0_of(x, cur)
+            if paste is not None:
+                x0 = paste(x0)
             a = psi_t / psi_s
             v = max(sig_t**2 - a * a * sig_s**2, 0.0)
             mean = (a * sig_s**2 / sig_t**2) * x + (psi_s * v / sig_t**2) * x0
@@ -876,5 +879,67 @@ def _progress(it, on: bool, desc: str):
     return tqdm(it, desc=desc)
 
 
-def _evaluate_latent(pipe, x, k, sm, **kw):
-    raise NotImplementedError("Stable Diffusion evaluation lands with the pipeline helpers")
+def _evaluate_latent(pipe, x: torch.Tensor, k: np.ndarray, sm: SolidMark, *, scheduler, prompts,
+                     num_inference_steps, seed, bs, resample, jump_length, guidance_scale, embedding_transform,
+                     prompt_transform, negative_prompt, deltas, return_images, progress) -> SolidMarkResult:
+    """Latent inpainting for a Stable Diffusion pipeline (see :func:`evaluate`).
+
+    At each reverse step the x0 prediction z0_hat is decoded by the VAE, the
+    known interior (the clean training image, mapped from ``value_range`` to
+    the VAE's [-1, 1]) is pasted in pixel space, the canvas re-encoded
+    (posterior mean times scaling_factor) and the ancestral step taken towards
+    that latent, which re-noises the pasted interior to the next level. (The
+    VAE only maps clean images, so the paste is done on the x0 prediction;
+    noising then happens in latent space.) The last x0 prediction is decoded
+    and its border mean, mapped back from [-1, 1], is the predicted key."""
+    from .models.pipelines import decode_latents, encode_images, encode_prompts
+
+    N = x.shape[0]
+    if prompts is None:
+        raise ValueError("a Stable Diffusion pipeline needs prompts: the training captions, one per image")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if len(prompts) != N or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be {N} strings (one caption per image), got {len(prompts)} entries")
+    if prompt_transform is not None:
+        prompts = [prompt_transform(p, i) for i, p in enumerate(prompts)]
+    schedule = make_schedule(scheduler if scheduler is not None else pipe.scheduler)
+    den = Denoiser(pipe.unet, schedule)
+    dev = model_device(pipe.unet)
+    times = _time_levels(schedule, num_inference_steps)
+    path = _level_path(len(times), jump_length, resample)
+    lo, hi = sm.value_range
+    t = sm.thickness
+    canvas_shape = (x.shape[1], x.shape[2] + 2 * t, x.shape[3] + 2 * t)
+    keep = (~sm.border_mask(canvas_shape)).to(dev, torch.float32)
+    uncond = None
+    if guidance_scale is not None:
+        uncond = {"encoder_hidden_states": encode_prompts(pipe, [negative_prompt])}
+
+    preds, outs = [], []
+    for start in _progress(range(0, N, bs), progress, "SolidMark"):
+        rows = slice(start, min(start + bs, N))
+        ids = list(range(rows.start, rows.stop))
+        # the canvas in the VAE's [-1, 1]; its border is never used (replaced by the model's)
+        canvas = 2 * (sm.augment(x[rows], np.full(len(ids), 0.5)).to(dev, torch.float32) - lo) / (hi - lo) - 1
+        emb = encode_prompts(pipe, prompts[rows])
+        if embedding_transform is not None:
+            emb = embedding_transform(emb, ids)
+        cond = {"encoder_hidden_states": emb}
+        latent_shape = encode_images(pipe, canvas[:1]).shape[1:]
+
+        def paste(z0, canvas=canvas):
+            img = decode_latents(pipe, z0).to(dev)
+            return encode_images(pipe, keep * canvas + (1 - keep) * img).to(torch.float32)
+
+        def mkw(_lvl, cond=cond):
+            return {"cond": cond, "uncond": uncond}
+
+        with torch.no_grad():
+            z0 = _repaint(den, None, None, times, path, _Noise(seed, ids, "solidmark"), mkw, guidance_scale,
+                          paste=paste, shape=latent_shape)
+            img = decode_latents(pipe, z0).to(dev)
+        img = keep * canvas + (1 - keep) * img  # in [-1, 1]
+        preds.append((sm.border_values((img.cpu().double() + 1) / 2 * (hi - lo) + lo)))
+        if return_images:
+            outs.append(((img.cpu() + 1) / 2 * (hi - lo) + lo))
+    return _result(k, torch.cat(preds).numpy(), deltas, torch.cat(outs) if return_images else None)

@@ -365,10 +365,11 @@ def test_evaluate_keeps_one_pixel_range_end_to_end(digits):
 @pytest.mark.slow
 def test_resampling_recovers_more_keys(keyed_digits):
     """RePaint's resampling harmonises the border with the interior before it
-    commits: the memorizer's recovery rate rises (0.83 -> 0.94 measured)."""
+    commits: the memorizer's recovery rate rises (measured 0.83 -> 0.90 with
+    resample = jump_length = 3, 0.94 with 5)."""
     x, sm, keys, train = keyed_digits
     model = EmpiricalEps(train, scheduler=DDPMScheduler())
     kw = dict(solidmark=sm, scheduler=DDPMScheduler(), num_inference_steps=25)
     plain = np.mean(evaluate(model, x, keys, **kw).l_sm < 0.01)
-    resampled = np.mean(evaluate(model, x, keys, resample=5, jump_length=5, **kw).l_sm < 0.01)
-    assert resampled >= 0.9 and resampled > plain
+    resampled = np.mean(evaluate(model, x, keys, resample=3, jump_length=3, **kw).l_sm < 0.01)
+    assert resampled >= plain + 0.03, (plain, resampled)
