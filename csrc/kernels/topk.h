@@ -100,5 +100,33 @@ MMH_HD void insertion_sort(K* key, int64_t* idx, int n) {
   }
 }
 
+#if defined(__CUDACC__)
+// Ascending bitonic sort of n (a power of two) (key, index) pairs in shared
+// memory by all threads of a block. Every thread must call it; it ends with
+// a barrier.
+template <typename K>
+__device__ void block_bitonic_sort(K* key, int64_t* idx, int n) {
+  for (int size = 2; size <= n; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int t = threadIdx.x; t < (n >> 1); t += blockDim.x) {
+        const int lo = 2 * stride * (t / stride) + (t % stride);
+        const int hi = lo + stride;
+        const bool ascending = (lo & size) == 0;
+        const bool hi_smaller = pair_less(key[hi], idx[hi], key[lo], idx[lo]);
+        if (hi_smaller == ascending) {
+          const K tk = key[lo];
+          key[lo] = key[hi];
+          key[hi] = tk;
+          const int64_t ti = idx[lo];
+          idx[lo] = idx[hi];
+          idx[hi] = ti;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+#endif
+
 }  // namespace topk
 }  // namespace mmh
