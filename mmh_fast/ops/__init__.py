@@ -2,5 +2,7 @@
 chosen by the device of the input. Plain-PyTorch statements of each kernel are
 in :mod:`mmh_fast.ops.reference`."""
 from .hutchinson import hutchinson_probes, hutchinson_trace
+from .knn import knn
+from .local_pca import local_pca, local_pca_count
 
-__all__ = ["hutchinson_probes", "hutchinson_trace"]
+__all__ = ["hutchinson_probes", "hutchinson_trace", "knn", "local_pca", "local_pca_count"]
