@@ -202,19 +202,25 @@ def _rows_as_tensor(x, name: str) -> torch.Tensor:
 def _train_chunks(train, chunk_rows: int | None) -> Iterator[torch.Tensor]:
     """Batches of the training set as tensors [b, ...] in index order.
 
-    Tensors are yielded whole (they are in memory already); numpy arrays
-    (memory-mapped or not) are read in chunks of about 256 MiB of float32;
-    other iterables are taken batch by batch."""
+    Tensors are cut into row views and numpy arrays (memory-mapped or not)
+    read in chunks, both of about 256 MiB of float32 (``chunk_rows`` rows when
+    given), so the kernels' working copies stay bounded whatever N; other
+    iterables are taken batch by batch."""
+    def rows_per_chunk(shape):
+        return chunk_rows or max(1, _CHUNK_BYTES // max(1, int(np.prod(shape[1:])) * 4))
+
     if isinstance(train, torch.Tensor) or type(train).__module__.split(".")[0] == "cupy":
-        yield _rows_as_tensor(train, "train")
+        t = _rows_as_tensor(train, "train")
+        step = rows_per_chunk(t.shape)
+        for i in range(0, t.shape[0], step):  # views: the kernel's working copies stay bounded
+            yield t[i:i + step]
         return
     if isinstance(train, np.ndarray):
         if train.ndim < 2:
             raise ValueError(f"train must be [N, ...], got shape {train.shape}")
-        per_row = max(1, int(np.prod(train.shape[1:])) * 4)
-        rows = chunk_rows or max(1, _CHUNK_BYTES // per_row)
-        for i in range(0, train.shape[0], rows):
-            yield _rows_as_tensor(np.array(train[i:i + rows]), "train")  # a writable copy of the chunk
+        step = rows_per_chunk(train.shape)
+        for i in range(0, train.shape[0], step):
+            yield _rows_as_tensor(np.array(train[i:i + step]), "train")  # a writable copy of the chunk
         return
     if isinstance(train, (str, bytes)) or not isinstance(train, Iterable):
         raise TypeError("train must be a tensor, a numpy array (memory-mapped for large sets) or an iterable of "

@@ -83,6 +83,10 @@ def test_streaming_equals_in_memory(data, tmp_path, tiles, monkeypatch):
     got = calibrated_l2(gen, mm, n=30, tiles=tiles, chunk_rows=16, return_indices=True)
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    # a tensor cut into row views
+    got = calibrated_l2(torch.from_numpy(gen), torch.from_numpy(train), n=30, tiles=tiles, chunk_rows=45,
+                        return_indices=True)
+    np.testing.assert_array_equal(got[1].numpy(), want[1])
     # tiled: training tiles smaller than the set (exact merge across GEMM tiles)
     import mmh_fast.retrieval as r
 
