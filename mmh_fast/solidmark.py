@@ -44,6 +44,8 @@ import torch
 
 from ._hashing import id_bytes, keyed_uniform, sample_seed
 from .models.denoiser import Denoiser, model_device
+from .models.pipelines import (decode_latents, encode_images, encode_prompts, is_latent_pipeline, is_pipeline,
+                               resolve_model)
 from .models.schedules import DiscreteSchedule, Schedule, make_schedule
 from .retrieval import eidetic_count
 
@@ -710,22 +712,6 @@ def _repaint(den: Denoiser, known: torch.Tensor | None, keep: torch.Tensor | Non
     return x0
 
 
-def _slice_kwargs(kwargs: dict | None, rows: slice, n: int) -> dict:
-    """Per-image tensors (leading dim n) are sliced to the batch; anything
-    else (shared tensors with leading dim 1, non-tensors) passes as is."""
-    out = {}
-    for k, v in (kwargs or {}).items():
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n and n != 1:
-            out[k] = v[rows]
-        else:
-            out[k] = v
-    return out
-
-
-def _is_latent_pipeline(model) -> bool:
-    return all(hasattr(model, a) for a in ("unet", "vae", "text_encoder", "tokenizer"))
-
-
 def evaluate(model, images, keys, *, solidmark: SolidMark | None = None, scheduler=None, prompts=None,
              num_inference_steps: int = 50, seed: int = 0, batch_size: int | None = None,
              augmented: bool = False, resample: int = 1, jump_length: int = 1,
@@ -818,8 +804,7 @@ def evaluate(model, images, keys, *, solidmark: SolidMark | None = None, schedul
     if bs < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
 
-    latent = _is_latent_pipeline(model)
-    if latent:
+    if is_latent_pipeline(model) and is_pipeline(model):
         return _evaluate_latent(model, x, k, sm, scheduler=scheduler, prompts=prompts,
                                 num_inference_steps=num_inference_steps, seed=seed, bs=bs, resample=resample,
                                 jump_length=jump_length, guidance_scale=guidance_scale,
@@ -829,37 +814,32 @@ def evaluate(model, images, keys, *, solidmark: SolidMark | None = None, schedul
     if prompts is not None or prompt_transform is not None:
         raise ValueError("prompts / prompt_transform need a text-conditioned pipeline (StableDiffusionPipeline); "
                          "for a pixel network pass its conditioning in model_kwargs")
-    net = model.unet if hasattr(model, "unet") else model
-    if scheduler is None:
-        scheduler = getattr(model, "scheduler", None)
-    schedule = make_schedule(scheduler)
-    den = Denoiser(net, schedule)
-    dev = model_device(net)
-    times = _time_levels(schedule, num_inference_steps)
+    if embedding_transform is not None and embedding_key not in (model_kwargs or {}):
+        raise ValueError(f"embedding_transform perturbs model_kwargs[{embedding_key!r}], which is not given")
+    if guidance_scale is not None and uncond_kwargs is None:
+        raise ValueError("guidance_scale needs uncond_kwargs (the unconditional branch) for a pixel network")
+    res = resolve_model(model, scheduler=scheduler, cond=model_kwargs, uncond=uncond_kwargs,
+                        guidance_scale=guidance_scale, n=N)
+    den, dev = res.denoiser, res.device
+    times = _time_levels(res.schedule, num_inference_steps)
     path = _level_path(len(times), jump_length, resample)
     canvas_shape = (x.shape[1], x.shape[2] + 2 * sm.thickness, x.shape[3] + 2 * sm.thickness)
     keep = ~sm.border_mask(canvas_shape)
-    if embedding_transform is not None and embedding_key not in (model_kwargs or {}):
-        raise ValueError(f"embedding_transform perturbs model_kwargs[{embedding_key!r}], which is not given")
 
     preds, outs = [], []
     for start in _progress(range(0, N, bs), progress, "SolidMark"):
-        rows = slice(start, min(start + bs, N))
-        ids = list(range(rows.start, rows.stop))
-        known = sm.augment(x[rows], np.full(len(ids), 0.5)).to(dev)  # border value irrelevant: never kept
-        kw = _slice_kwargs(model_kwargs, rows, N)
+        ids = list(range(start, min(start + bs, N)))
+        known = sm.augment(x[start:ids[-1] + 1], np.full(len(ids), 0.5)).to(dev)  # border never kept
+        kw, ukw = res.kwargs_for(torch.tensor(ids), N)
         if embedding_transform is not None:
             kw[embedding_key] = embedding_transform(kw[embedding_key], ids)
-        ukw = _slice_kwargs(uncond_kwargs, rows, N) if uncond_kwargs is not None else None
-        if guidance_scale is not None and ukw is None:
-            raise ValueError("guidance_scale needs uncond_kwargs for a pixel network")
 
         def mkw(_lvl, kw=kw, ukw=ukw):
             return {"cond": kw, "uncond": ukw}
 
         with torch.no_grad():
             x0 = _repaint(den, known, keep.to(dev), times, path, _Noise(seed, ids, "solidmark"), mkw,
-                          guidance_scale)
+                          res.guidance_scale)
         preds.append(sm.border_values(x0.detach().cpu()))
         if return_images:
             outs.append(x0.detach().cpu())
@@ -892,16 +872,20 @@ def _evaluate_latent(pipe, x: torch.Tensor, k: np.ndarray, sm: SolidMark, *, sch
     VAE only maps clean images, so the paste is done on the x0 prediction;
     noising then happens in latent space.) The last x0 prediction is decoded
     and its border mean, mapped back from [-1, 1], is the predicted key."""
-    from .models.pipelines import decode_latents, encode_images, encode_prompts
-
     N = x.shape[0]
-    if prompts is None:
-        raise ValueError("a Stable Diffusion pipeline needs prompts: the training captions, one per image")
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if len(prompts) != N or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompts must be {N} strings (one caption per image), got {len(prompts)} entries")
-    if prompt_transform is not None:
-        prompts = [prompt_transform(p, i) for i, p in enumerate(prompts)]
+    text = getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "tokenizer", None) is not None
+    if text:
+        if prompts is None:
+            raise ValueError("a text-conditioned pipeline needs prompts: the training captions, one per image")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != N or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts must be {N} strings (one caption per image), got {len(prompts)} entries")
+        if prompt_transform is not None:
+            prompts = [prompt_transform(p, i) for i, p in enumerate(prompts)]
+    elif prompts is not None or prompt_transform is not None or embedding_transform is not None \
+            or guidance_scale is not None:
+        raise ValueError(f"{type(pipe).__name__} has no text encoder: prompts, prompt/embedding transforms and "
+                         "guidance need a text-conditioned pipeline")
     schedule = make_schedule(scheduler if scheduler is not None else pipe.scheduler)
     den = Denoiser(pipe.unet, schedule)
     dev = model_device(pipe.unet)
@@ -921,10 +905,12 @@ def _evaluate_latent(pipe, x: torch.Tensor, k: np.ndarray, sm: SolidMark, *, sch
         ids = list(range(rows.start, rows.stop))
         # the canvas in the VAE's [-1, 1]; its border is never used (replaced by the model's)
         canvas = 2 * (sm.augment(x[rows], np.full(len(ids), 0.5)).to(dev, torch.float32) - lo) / (hi - lo) - 1
-        emb = encode_prompts(pipe, prompts[rows])
-        if embedding_transform is not None:
-            emb = embedding_transform(emb, ids)
-        cond = {"encoder_hidden_states": emb}
+        cond = {}
+        if text:
+            emb = encode_prompts(pipe, prompts[rows])
+            if embedding_transform is not None:
+                emb = embedding_transform(emb, ids)
+            cond = {"encoder_hidden_states": emb}
         latent_shape = encode_images(pipe, canvas[:1]).shape[1:]
 
         def paste(z0, canvas=canvas):
