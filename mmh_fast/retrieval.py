@@ -37,7 +37,7 @@ import math
 import numbers
 import os
 import warnings
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch

@@ -37,7 +37,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -742,7 +742,13 @@ def evaluate(model, images, keys, *, solidmark: SolidMark | None = None, schedul
         known interior pasted in pixel space, re-encoded, and the ancestral
         step taken from that latent (the pasted interior re-noised to the next
         level). Pixels are mapped between ``value_range`` and the VAE's
-        [-1, 1] on the way in and out.
+        [-1, 1] on the way in and out. A latent pipeline without a text
+        encoder is inpainted unconditionally (no prompts).
+
+    Mitigations (Somepalli et al.'s GNI, RT, CWR, RNA) live in
+    :mod:`mmh_fast.mitigations` as seeded transforms, so the text module and
+    user pipeline calls reuse them; pass them as ``embedding_transform`` /
+    ``prompt_transform``.
 
     Args:
         model: see above.

@@ -81,6 +81,7 @@ def test_keys_follow_samples_across_dataset_orders():
     c = SolidMarkDataset([imgs[p] for p in perm], sm, id_fn="content")
     d = SolidMarkDataset(imgs, sm, id_fn="content")
     assert np.array_equal(c.keys(), d.keys()[perm])
+    assert c.sample_id(0) == content_id(imgs[perm[0]]) != content_id(imgs[perm[0]].double())
     # default ids are positions: they do move with the order
     assert not np.array_equal(SolidMarkDataset(imgs, sm).keys()[perm],
                               SolidMarkDataset([imgs[p] for p in perm], sm).keys())
