@@ -206,6 +206,9 @@ def _train_chunks(train, chunk_rows: int | None) -> Iterator[torch.Tensor]:
     read in chunks, both of about 256 MiB of float32 (``chunk_rows`` rows when
     given), so the kernels' working copies stay bounded whatever N; other
     iterables are taken batch by batch."""
+    if chunk_rows is not None:
+        _check_positive_int(chunk_rows, "chunk_rows")
+
     def rows_per_chunk(shape):
         return chunk_rows or max(1, _CHUNK_BYTES // max(1, int(np.prod(shape[1:])) * 4))
 

@@ -1,6 +1,8 @@
 """Retrieval metrics against brute-force numpy: calibrated l2 (whole images,
 tiled, streamed), nearest neighbours with embedders and cosine distance, and
 the eidetic / percentile summaries."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -123,6 +125,8 @@ def test_bad_inputs(data):
         calibrated_l2(gen, train, n=0)
     with pytest.raises(ValueError, match="values"):
         calibrated_l2(gen, train.reshape(300, -1)[:, :10])
+    with pytest.raises(ValueError, match="chunk_rows"):
+        calibrated_l2(gen, train, chunk_rows=0)
     with pytest.raises(TypeError, match="iterable of batches"):
         calibrated_l2(gen, 3)
     with pytest.raises(ValueError, match="NaN"):
@@ -135,21 +139,26 @@ def test_bad_inputs(data):
         nearest_neighbors(gen, train[:4], k=5)
 
 
+class _Proj(torch.nn.Module):
+    """A tiny stand-in for an SSCD model: a fixed linear projection of the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(192, 16, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.w
+
+
 def test_nearest_neighbors_with_a_torchscript_embedder_and_cosine(data, tmp_path):
     gen, train = data
 
-    class Proj(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.randn(192, 16, generator=torch.Generator().manual_seed(0)))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x.flatten(1) @ self.w
-
     path = tmp_path / "embedder.pt"
-    torch.jit.save(torch.jit.script(Proj()), str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.trace(_Proj(), torch.zeros(2, 3, 8, 8)), str(path))
     emb = load_torchscript_embedder(path)
-    w = Proj().w.detach().numpy().astype(np.float64)
+    w = _Proj().w.detach().numpy().astype(np.float64)
     eg, et = gen.reshape(40, -1) @ w, train.reshape(300, -1) @ w
     eg /= np.linalg.norm(eg, axis=1, keepdims=True)
     et /= np.linalg.norm(et, axis=1, keepdims=True)

@@ -248,26 +248,54 @@ def test_level_path_resampling_schedule():
     assert sorted(ups) == sorted([0, 3, 6] * 3)
 
 
-@pytest.mark.parametrize("scheduler", ["ddpm", pytest.param("vpsde", marks=pytest.mark.slow)])
+def _chain_moments(schedule, times, m, v):
+    """Exact mean and variance of the ancestral chain's output for data
+    N(m, v) per coordinate with the exact denoiser: every step is linear
+    Gaussian, x0_hat = m + psi v / (psi^2 v + sigma^2) (x_t - psi m)."""
+    coeff = [tuple(float(c) for c in schedule.psi_sigma(t)) for t in times]
+    psi, sig = coeff[-1]
+    mu, var = torch.zeros_like(m), torch.full_like(v, sig**2)  # x_T = sigma_T z
+
+    def x0_lin(psi, sig):
+        g = psi * v / (psi**2 * v + sig**2)
+        return g, m - g * psi * m  # x0_hat = g x + h
+
+    for lvl in range(len(times) - 1, 0, -1):
+        (psi_t, sig_t), (psi_s, sig_s) = coeff[lvl], coeff[lvl - 1]
+        a = psi_t / psi_s
+        w = sig_t**2 - a * a * sig_s**2
+        c1, c2 = a * sig_s**2 / sig_t**2, psi_s * w / sig_t**2
+        g, h = x0_lin(psi_t, sig_t)
+        mu, var = (c1 + c2 * g) * mu + c2 * h, (c1 + c2 * g) ** 2 * var + w * sig_s**2 / sig_t**2
+    g, h = x0_lin(*coeff[0])
+    return g * mu + h, g * g * var
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "vpsde"])
 def test_reverse_chain_samples_a_gaussian(scheduler):
-    """With nothing known the loop is ancestral sampling: with the exact eps
-    of N(m, diag(v)) its samples have that mean and variance."""
+    """With nothing known the loop is ancestral sampling. With the exact eps
+    of N(m, diag(v)) its samples follow the chain's exact linear-Gaussian
+    moments, and those converge to (m, v) as the grid is refined."""
     from mmh_fast.models import VPSDESchedule
 
     sched = DDPMScheduler() if scheduler == "ddpm" else VPSDESchedule()
-    m = torch.tensor([0.7, -0.3])
-    v = torch.tensor([0.25, 0.04])
+    m = torch.tensor([0.7, -0.3], dtype=torch.float64)
+    v = torch.tensor([0.25, 0.04], dtype=torch.float64)
     model = GaussianEps(m, torch.diag(v), scheduler=sched)
     schedule = make_schedule(sched)
     den = Denoiser(model, schedule)
     n = 4000
-    times = _time_levels(schedule, 1000)  # ancestral sampling underestimates variance on coarse grids
-    keep = torch.zeros(2, dtype=torch.bool)
-    x = _repaint(den, torch.zeros(n, 2), keep, times, _level_path(len(times), 1, 1), _Noise(0, range(n), "t"),
-                 lambda lvl: {"cond": None, "uncond": None}, None)
-    mean, var = x.double().mean(0), x.double().var(0)
-    assert torch.all((mean - m).abs() < 4 * (v / n).sqrt())
-    torch.testing.assert_close(var, v.double(), rtol=0.12, atol=0)  # 4% bias at 1000 steps + 4 s.e.
+    times = _time_levels(schedule, 40)
+    x = _repaint(den, torch.zeros(n, 2), torch.zeros(2, dtype=torch.bool), times, _level_path(len(times), 1, 1),
+                 _Noise(0, range(n), "t"), lambda lvl: {"cond": None, "uncond": None}, None).double()
+    mean, var = _chain_moments(schedule, times, m, v)
+    assert torch.all((x.mean(0) - mean).abs() < 4 * (var / n).sqrt())
+    assert torch.all((x.var(0) / var - 1).abs() < 4 * (2 / n) ** 0.5)
+    # coarse grids under-disperse (ancestral sampling with the posterior mean); fine grids are exact
+    mean_f, var_f = _chain_moments(schedule, _time_levels(schedule, 1000), m, v)
+    torch.testing.assert_close(mean_f, m, rtol=0, atol=0.01)
+    torch.testing.assert_close(var_f, v, rtol=0.05, atol=0)
+    assert bool((var < var_f).all())
 
 
 # ---------------------------------------------------------------------------
@@ -458,21 +486,21 @@ def test_latent_inpainting_recovers_keys_and_mitigations_lower_the_count(latent_
 def test_tiny_stable_diffusion_pipeline_path(tiny_sd):
     g = torch.Generator().manual_seed(0)
     sm = SolidMark(thickness=2, seed=1, value_range=(0, 1))
-    x = torch.rand(3, 3, 12, 12, generator=g)  # canvas 16 x 16, latents 8 x 8
-    keys = sm.keys(3)
-    caps = ["a red fox", "the snow", "an owl"]
-    kw = dict(solidmark=sm, prompts=caps, num_inference_steps=4)
+    x = torch.rand(2, 3, 12, 12, generator=g)  # canvas 16 x 16, latents 8 x 8
+    keys = sm.keys(2)
+    caps = ["a red fox", "the snow"]
+    kw = dict(solidmark=sm, prompts=caps, num_inference_steps=3)
     a = evaluate(tiny_sd, x, keys, return_images=True, **kw)
-    assert a.images.shape == (3, 3, 16, 16) and torch.allclose(sm.crop(a.images), x, atol=1e-6)
+    assert a.images.shape == (2, 3, 16, 16) and torch.allclose(sm.crop(a.images), x, atol=1e-6)
     assert np.isfinite(a.l_sm).all() and ((a.predicted_keys >= 0) & (a.predicted_keys <= 1)).all()
     np.testing.assert_allclose(a.l_sm, np.abs(keys - sm.border_values(a.images).numpy()), atol=1e-6)
     b = evaluate(tiny_sd, x, keys, batch_size=1, **kw)
     np.testing.assert_allclose(b.l_sm, a.l_sm, rtol=0, atol=1e-5)
-    c = evaluate(tiny_sd, x, keys, guidance_scale=5.0, resample=2, jump_length=1, **kw)
+    c = evaluate(tiny_sd, x, keys, guidance_scale=5.0, resample=2, jump_length=1, **{**kw, "num_inference_steps": 2})
     assert np.isfinite(c.l_sm).all()
     with pytest.raises(ValueError, match="captions"):
         evaluate(tiny_sd, x, keys, solidmark=sm, num_inference_steps=2)
-    with pytest.raises(ValueError, match="3 strings"):
-        evaluate(tiny_sd, x, keys, solidmark=sm, prompts=caps[:2], num_inference_steps=2)
+    with pytest.raises(ValueError, match="2 strings"):
+        evaluate(tiny_sd, x, keys, solidmark=sm, prompts=caps[:1], num_inference_steps=2)
     with pytest.raises(ValueError, match="multiples of 2"):
         evaluate(tiny_sd, x[:, :, :11, :11], keys, solidmark=sm, prompts=caps, num_inference_steps=2)
