@@ -13,14 +13,7 @@ from mmh_fast.testing import (GaussianMixtureEps, tiny_ddpm_pipeline, tiny_stabl
                               write_tiny_clip_tokenizer)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: intra-op threads only add synchronisation (6x slower per
-    training step on a busy 2-core machine), so these tests run single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny networks: see conftest
 
 
 

@@ -18,12 +18,7 @@ def _example():
     return mod
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny MLP: single-threaded is several times faster
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny networks: see conftest
 
 
 def _check(res, vm, *, n_iso_min: int):
