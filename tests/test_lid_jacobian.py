@@ -300,3 +300,19 @@ def test_budget_default_batch_size(monkeypatch):
     z = torch.randn(8, 10, generator=g)
     assert mmh_fast.jacobian_rank(G, z, threshold=1e-2).tolist() == (z > 0).sum(1).tolist()
     assert max(seen) <= 3
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_cuda_matches_cpu(method):
+    g = torch.Generator().manual_seed(12)
+    d = 40
+    G = ReluMasked(d, (3, 8, 8), g)
+    z = torch.randn(10, d, generator=g)
+    want = (z > 0).sum(1).tolist()
+    r_cpu, v_cpu = mmh_fast.jacobian_rank(G, z, threshold=1e-2, method=method, rank_hint=4,
+                                          return_singular_values=True)
+    r_gpu, v_gpu = mmh_fast.jacobian_rank(G.cuda(), z.cuda(), threshold=1e-2, method=method, rank_hint=4,
+                                          return_singular_values=True)
+    assert r_gpu.is_cuda and r_gpu.cpu().tolist() == r_cpu.tolist() == want
+    torch.testing.assert_close(v_gpu.cpu()[:, :1], v_cpu[:, :1], rtol=1e-4, atol=1e-4)

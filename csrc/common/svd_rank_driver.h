@@ -88,15 +88,22 @@ std::tuple<at::Tensor, at::Tensor> svd_rank_driver(const at::Tensor& A_in,
                   " entries but A has ", B, " matrices");
   MMH_CHECK_VALUE(threshold.device() == A_in.device() && sample_ids.device() == A_in.device(),
                   "A, threshold and sample_ids must be on the same device");
-  MMH_CHECK_VALUE(at::isfinite(A_in).all().item<bool>(), "A contains NaN or inf values");
-
   const auto work = A_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto A = A_in.to(work).contiguous();
   const auto A64 = A.to(at::kDouble);
   const auto thr = threshold.to(at::kDouble).contiguous();
   const int64_t k = std::min(m, n);
   const double eps64 = std::numeric_limits<double>::epsilon();
-  const auto fro2 = A64.square().sum({1, 2});
+  // ||A||_F^2 in float64; also the finiteness check (a NaN or inf entry makes
+  // it non-finite; finite float32 data cannot overflow it)
+  const auto fro2 = at::linalg_vector_norm(A64, 2, at::IntArrayRef{1, 2}, false).square();
+  MMH_CHECK_VALUE(at::isfinite(fro2).all().item<bool>(),
+                  "A contains NaN or inf values (or float64 values too large to square)");
+
+  // rows idx of a batch tensor; no copy while idx is still the whole batch
+  auto take = [&](const at::Tensor& t, const at::Tensor& idx) {
+    return idx.numel() == t.size(0) ? t : t.index_select(0, idx);
+  };
   const auto long_opts = A.options().dtype(at::kLong);
   auto ranks = at::zeros({B}, long_opts);
   std::vector<std::pair<at::Tensor, at::Tensor>> pieces;  // (matrix ids, values [B', r] desc)
@@ -124,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> svd_rank_driver(const at::Tensor& A_in,
   // Float64 SVD for matrices the fast bounds could not decide.
   auto svd_exact = [&](const at::Tensor& idx) {
     if (idx.numel() == 0) return;
-    const auto s = at::linalg_svdvals(A64.index_select(0, idx)).contiguous();
+    const auto s = at::linalg_svdvals(take(A64, idx)).contiguous();
     const auto floor = s.select(1, 0) * p.rtol;
     auto out = Backend::rule(s, s, at::zeros({idx.numel()}, s.options()), floor.contiguous(),
                              thr.index_select(0, idx), k, p.rule, p.min_ratio, true);
@@ -133,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> svd_rank_driver(const at::Tensor& A_in,
 
   auto gram_exact = [&](const at::Tensor& idx) {
     if (idx.numel() == 0) return;
-    const auto a = A64.index_select(0, idx);
+    const auto a = take(A64, idx);
     const auto G = m >= n ? at::matmul(a.transpose(1, 2), a) : at::matmul(a, a.transpose(1, 2));
     const auto lam = at::linalg_eigvalsh(G).flip({-1}).clamp_min(0.0);
     const auto e = (fro2.index_select(0, idx) *
@@ -151,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> svd_rank_driver(const at::Tensor& A_in,
         gram_exact(idx);  // a sketch this large costs as much as the exact path
         return;
       }
-      const auto a = A.index_select(0, idx);
+      const auto a = take(A, idx);
       const auto omega = Backend::gaussian(sample_ids.index_select(0, idx), n, l, p.seed, work);
       auto Q = std::get<0>(at::linalg_qr(at::matmul(a, omega)));
       const auto at_ = a.transpose(1, 2);
@@ -160,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> svd_rank_driver(const at::Tensor& A_in,
         Q = std::get<0>(at::linalg_qr(at::matmul(a, Z)));
       }
       const auto Q64 = std::get<0>(at::linalg_qr(Q.to(at::kDouble)));
-      const auto Bm = at::matmul(Q64.transpose(1, 2), A64.index_select(0, idx));  // [B', l, n]
+      const auto Bm = at::matmul(Q64.transpose(1, 2), take(A64, idx));  // [B', l, n]
       const auto lam = at::linalg_eigvalsh(at::matmul(Bm, Bm.transpose(1, 2))).flip({-1}).clamp_min(0.0);
       const auto f2 = fro2.index_select(0, idx);
       const auto slack = f2 * (2.0 * eps64 * static_cast<double>(m + n + l));
