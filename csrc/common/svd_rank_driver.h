@@ -20,8 +20,10 @@
 //    rank (e.g. the threshold or the decisive gap is well above sqrt(eps_G)).
 //    The other matrices get a float64 SVD.
 //  * Randomized path: Q (m x l, orthonormal) from a Gaussian sketch with
-//    n_iter power iterations (re-orthonormalised by QR after every product),
-//    then Bm = Q^T A in float64. With Res = (I - Q Q^T) A,
+//    n_iter power iterations (re-orthonormalised after every product by a
+//    shifted Cholesky QR, see shifted_cholesky_qr),
+//    then Bm = Q^T A in float64 (Q from a final Householder QR in float64).
+//    With Res = (I - Q Q^T) A,
 //        A^T A = Bm^T Bm + Res^T Res,   ||Res||_F^2 = ||A||_F^2 - ||Bm||_F^2,
 //    so by Weyl's inequalities s_i(A)^2 lies in [lam_i, lam_i + ||Res||^2]
 //    (lam_i the eigenvalues of Bm Bm^T) for i < l, and s_i(A) <= ||Res||_F
@@ -66,6 +68,25 @@ inline void svd_rank_check_params(const SvdRankParams& p) {
   MMH_CHECK_VALUE(p.n_iter >= 0, "n_iter must be >= 0, got ", p.n_iter);
   MMH_CHECK_VALUE(p.max_sketch_fraction > 0.0 && p.max_sketch_fraction <= 1.0,
                   "max_sketch_fraction must be in (0, 1], got ", p.max_sketch_fraction);
+}
+
+// Re-orthonormalisation between power iterations: Y R^{-1} with R the
+// Cholesky factor of Y^T Y + shift I in float64 (shift = 1e-12 tr(Y^T Y), so
+// the factorisation exists for rank-deficient Y). The result is orthonormal
+// on the directions of Y above ~1e-6 of its norm and shrinks the others,
+// which is all a power iteration needs; it uses only GEMM, an l x l Cholesky
+// and a triangular solve, whose timing stays steady on oversubscribed cores
+// where Householder QR's many small parallel steps stall. The final basis,
+// which the error bounds rely on, is a Householder QR.
+inline at::Tensor shifted_cholesky_qr(const at::Tensor& Y) {
+  const auto Y64 = Y.to(at::kDouble);
+  const int64_t l = Y64.size(-1);
+  auto G = at::matmul(Y64.transpose(-2, -1), Y64);
+  const auto tr = G.diagonal(0, -2, -1).sum(-1, /*keepdim=*/true).unsqueeze(-1);
+  const auto shift = tr * 1e-12 + std::numeric_limits<double>::min();
+  G = G + shift * at::eye(l, G.options());
+  const auto R = std::get<0>(at::linalg_cholesky_ex(G, /*upper=*/true, /*check_errors=*/false));
+  return at::linalg_solve_triangular(R, Y64, /*upper=*/true, /*left=*/false).to(Y.scalar_type());
 }
 
 template <class Backend>
@@ -160,12 +181,13 @@ std::tuple<at::Tensor, at::Tensor> svd_rank_driver(const at::Tensor& A_in,
       }
       const auto a = take(A, idx);
       const auto omega = Backend::gaussian(sample_ids.index_select(0, idx), n, l, p.seed, work);
-      auto Q = std::get<0>(at::linalg_qr(at::matmul(a, omega)));
+      auto Q = shifted_cholesky_qr(at::matmul(a, omega));
       const auto at_ = a.transpose(1, 2);
       for (int64_t it = 0; it < p.n_iter; ++it) {
-        const auto Z = std::get<0>(at::linalg_qr(at::matmul(at_, Q)));
-        Q = std::get<0>(at::linalg_qr(at::matmul(a, Z)));
+        const auto Z = shifted_cholesky_qr(at::matmul(at_, Q));
+        Q = shifted_cholesky_qr(at::matmul(a, Z));
       }
+      // the bounds need an exactly orthonormal basis: Householder QR in float64
       const auto Q64 = std::get<0>(at::linalg_qr(Q.to(at::kDouble)));
       const auto Bm = at::matmul(Q64.transpose(1, 2), take(A64, idx));  // [B', l, n]
       const auto lam = at::linalg_eigvalsh(at::matmul(Bm, Bm.transpose(1, 2))).flip({-1}).clamp_min(0.0);
