@@ -1,3 +1,5 @@
-from .complexity import png_bytes, png_complexity, png_normalized_lid
-from .jacobian import jacobian_rank
-from .memorization import MemorizationClasses, classify_memorization
+"""LID estimators: FLIPD and the normal bundle for diffusion models."""
+from .flipd import flipd, flipd_curve  # noqa: F401
+from .complexity import png_bytes, png_complexity, png_normalized_lid  # noqa: F401
+from .jacobian import jacobian_rank  # noqa: F401
+from .memorization import MemorizationClasses, classify_memorization  # noqa: F401
