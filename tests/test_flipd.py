@@ -12,6 +12,7 @@ import mmh_fast
 from mmh_fast.models import VESchedule, VPSDESchedule, make_schedule
 from mmh_fast.models.pipelines import encode_images, encode_prompts
 from mmh_fast.testing import (GaussianMixtureEps, tiny_ddpm_pipeline, tiny_stable_diffusion_pipeline, tiny_unet2d,
+from _helpers import DoubleWithoutForwardAD
                               tiny_unet2d_condition)
 
 DDPM = DDPMScheduler()
@@ -372,19 +373,9 @@ def test_pipeline_rejects_images_outside_unit_range(sd_pipe):
         mmh_fast.flipd(sd_pipe, torch.zeros(1, 1, 8, 8), 0.05)
 
 
-class _NoForwardAD(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return 2 * x
-
-    @staticmethod
-    def backward(ctx, g):
-        return 2 * g
-
-
 def test_jvp_without_forward_ad_says_so_and_vjp_works():
     def model(x, t):
-        return _NoForwardAD.apply(x)
+        return DoubleWithoutForwardAD.apply(x)
 
     x = torch.ones(2, 4)
     with pytest.raises(RuntimeError, match="method='vjp'"):

@@ -7,6 +7,7 @@ import torch
 
 import mmh_fast
 from mmh_fast.lid import jacobian as jac_mod
+from _helpers import DoubleWithoutForwardAD
 
 
 def orthonormal(rows, cols, g):
@@ -158,25 +159,13 @@ def test_randomized_grows_and_falls_back_to_exact():
 
 # ------------------------------------------------------------ fallback ---
 
-class _NoForwardAD(torch.autograd.Function):
-    """x -> 2x with a backward but no forward-mode (jvp) rule."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return 2 * x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return 2 * grad
-
-
 class NoForwardModel(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
 
     def forward(self, z):
-        return _NoForwardAD.apply(self.inner(z))
+        return DoubleWithoutForwardAD.apply(self.inner(z))
 
 
 def test_fallback_to_reverse_mode_when_forward_ad_is_missing():
