@@ -8,11 +8,12 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from _helpers import DoubleWithoutForwardAD
+
 import mmh_fast
 from mmh_fast.models import VESchedule, VPSDESchedule, make_schedule
 from mmh_fast.models.pipelines import encode_images, encode_prompts
 from mmh_fast.testing import (GaussianMixtureEps, tiny_ddpm_pipeline, tiny_stable_diffusion_pipeline, tiny_unet2d,
-from _helpers import DoubleWithoutForwardAD
                               tiny_unet2d_condition)
 
 DDPM = DDPMScheduler()
