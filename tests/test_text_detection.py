@@ -35,7 +35,7 @@ def _gate(P, prompt):
 def test_cfg_norm_flags_the_planted_prompt_with_the_closed_form_value():
     P = planted()
     got = cfg_norm(P.pipe, [MEM] + OTHERS, num_images=3, seed=5)
-    assert got.shape == (1 + len(OTHERS),) and got.dtype == torch.float32
+    assert got.shape == (1 + len(OTHERS),) and got.dtype == torch.float64  # a float64 network
     assert bool((got[1:] == 0).all())  # the gate is exactly shut: both branches are the same Gaussian
     # step 0 by hand: x_T keyed by (seed, n), eps_c - eps_u = sigma g (s_gauss - s_mem) terms
     t = 981  # the first timestep of the 50-step "leading" grid with steps_offset 1
@@ -113,7 +113,7 @@ def test_cfg_norm_train_flags_the_memorized_image_with_the_closed_form_value():
     imgs = torch.cat([P.image, P.other_images[:3]])
     caps = [MEM] + OTHERS[:3]
     got = cfg_norm_train(P.pipe, imgs, caps)
-    assert got.shape == (4,) and got.dtype == torch.float32
+    assert got.shape == (4,) and got.dtype == torch.float64
     assert float(got[0]) > 0.1 and bool((got[1:] == 0).all())
     # closed form: Euler from the clean latent (psi 1, sigma 0) over t = 0, t0/3, 2t0/3, t0, then |eps_c - eps_u| / sigma
     ac = P.pipe.scheduler.alphas_cumprod.double()

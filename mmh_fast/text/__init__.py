@@ -39,7 +39,12 @@ Mitigation
 """
 from .attribution import prompt_tokens, token_attributions
 from .detection import cfg_norm, cfg_norm_train
+from .attribution import PromptTokens
 from .metrics import DEFAULT_T_RANGES, METRICS, memorization_score
+from .mitigation import (BOX1_INSTRUCTION, REPHRASERS, OpenAIChatRephraser, evaluate_mitigation, generate,
+                         load_clip_score, load_sscd_similarity, mitigate, optimize_prompt_embedding)
 
-__all__ = ["cfg_norm", "cfg_norm_train", "memorization_score", "token_attributions", "prompt_tokens", "METRICS",
-           "DEFAULT_T_RANGES"]
+__all__ = ["cfg_norm", "cfg_norm_train", "memorization_score", "token_attributions", "prompt_tokens", "PromptTokens",
+           "mitigate", "OpenAIChatRephraser", "optimize_prompt_embedding", "generate", "evaluate_mitigation",
+           "load_sscd_similarity", "load_clip_score", "METRICS", "DEFAULT_T_RANGES", "REPHRASERS",
+           "BOX1_INSTRUCTION"]

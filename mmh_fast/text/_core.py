@@ -85,6 +85,12 @@ class TextPipeline:
     def dtype(self) -> torch.dtype:
         return model_dtype(self.net)
 
+    @property
+    def work_dtype(self) -> torch.dtype:
+        """Latents and eps: float64 for a float64 UNet, else float32 (fp16/bf16
+        UNets run in their dtype; their outputs are read in float32)."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
     def grid(self, num_inference_steps: int) -> DDIMGrid:
         check_int(num_inference_steps, "num_inference_steps", 1)
         return ddim_grid(self.pipe.scheduler, num_inference_steps)
@@ -135,7 +141,7 @@ class TextPipeline:
 
     def initial_latents(self, image_ids: Sequence[int], seed: int) -> torch.Tensor:
         """x_T [len(image_ids), C, h, w] ~ N(0, I), row r keyed by (seed, image_ids[r])."""
-        return keyed_normal(self.latent_shape(), seed, list(image_ids), dtype=torch.float32, device=self.device)
+        return keyed_normal(self.latent_shape(), seed, list(image_ids), dtype=self.work_dtype, device=self.device)
 
     def pair(self, x: torch.Tensor, grid: DDIMGrid, i: int, cond: torch.Tensor, uncond: torch.Tensor):
         """(eps_u, eps_c) at step i from one batched two-branch UNet call."""

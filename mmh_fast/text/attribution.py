@@ -3,6 +3,7 @@ Fig. 7, 11): which prompt tokens drive a memorization metric."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -11,7 +12,7 @@ from ..models.pipelines import tokenize_prompts
 from ._core import TextPipeline, text_pipeline
 from .metrics import plan, run_metric
 
-__all__ = ["token_attributions", "prompt_tokens"]
+__all__ = ["token_attributions", "prompt_tokens", "PromptTokens"]
 
 
 def _readable(tokenizer, tok: str) -> str:
@@ -24,11 +25,33 @@ def _readable(tokenizer, tok: str) -> str:
     return s if s else tok.replace("</w>", "")
 
 
-def prompt_tokens(pipe, prompt: str) -> tuple[list[int], list[str], list[str]]:
-    """The prompt's own tokens as the pipeline's text encoder sees them.
+@dataclass
+class PromptTokens:
+    """A prompt's own tokens as the pipeline's text encoder sees them (BOS, EOS
+    and padding dropped; an over-long prompt truncated to what is kept).
 
-    Returns (positions in the padded sequence, raw token strings, readable strings);
-    BOS, EOS and padding are dropped, over-long prompts are truncated (warned)."""
+    Attributes:
+        prompt: the prompt.
+        positions: their indices in the padded token sequence (1..n).
+        raw: the tokenizer's token strings (e.g. "mona</w>").
+        text: readable strings (end-of-word marker dropped).
+        spans: (start, end) character offsets of each token in ``prompt``, or None
+            when the tokenizer gives no offsets (slow tokenizers).
+    """
+
+    prompt: str
+    positions: list
+    raw: list
+    text: list
+    spans: list | None
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+def prompt_tokens(pipe, prompt: str) -> PromptTokens:
+    """The prompt's own tokens (see :class:`PromptTokens`); over-long prompts
+    are truncated with a warning."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
     ids, mask, _ = tokenize_prompts(pipe, [prompt])
@@ -37,11 +60,21 @@ def prompt_tokens(pipe, prompt: str) -> tuple[list[int], list[str], list[str]]:
     n = int(sum(mask))  # BOS + tokens + EOS under the attention mask (CLIP tokenizers)
     positions = list(range(1, n - 1))
     raw = tok.convert_ids_to_tokens([ids[j] for j in positions])
-    return positions, raw, [_readable(tok, t) for t in raw]
+    spans = None
+    try:
+        enc = tok([prompt], padding="max_length", max_length=len(ids), truncation=True,
+                  return_offsets_mapping=True)
+        off = enc["offset_mapping"][0]
+        if len(off) == len(ids):
+            spans = [tuple(int(v) for v in off[j]) for j in positions]
+    except (NotImplementedError, ValueError, TypeError, KeyError):
+        spans = None  # slow tokenizers: no offsets
+    return PromptTokens(prompt, positions, raw, [_readable(tok, t) for t in raw], spans)
 
 
 def _attribute(tp: TextPipeline, prompt: str, p, grid, callback) -> tuple[list[str], list[str], torch.Tensor]:
-    positions, raw, readable = prompt_tokens(tp.pipe, prompt)
+    pt = prompt_tokens(tp.pipe, prompt)
+    positions, raw, readable = pt.positions, pt.raw, pt.text
     if not positions:
         raise ValueError(f"prompt {prompt!r} has no tokens to attribute")
     base = tp.embed([prompt]).detach()

@@ -62,7 +62,8 @@ def cfg_norm(pipe, prompts, *, num_images: int = 4, steps=(0, 1), num_inference_
         batch_size: (prompt, image) rows per two-branch UNet call (default: all).
 
     Returns:
-        float32 tensor [N] on the CPU (eps units, per-coordinate scale ~1).
+        float32 tensor [N] (float64 for a float64 pipeline) on the CPU (eps units,
+        per-coordinate scale ~1).
     """
     tp = text_pipeline(pipe)
     prompts = as_prompts(prompts)
@@ -87,7 +88,7 @@ def cfg_norm(pipe, prompts, *, num_images: int = 4, steps=(0, 1), num_inference_
                 total[r] += (e_c - e_u).reshape(len(r), -1).to(torch.float64).norm(dim=1).cpu()
             if i + 1 < s1:  # the last step needed: no update
                 x = grid.step(i, x, e_u + guidance_scale * (e_c - e_u))
-    return (total.reshape(N, num_images).sum(1) / (num_images * (s1 - s0))).to(torch.float32)
+    return (total.reshape(N, num_images).sum(1) / (num_images * (s1 - s0))).to(tp.work_dtype)
 
 
 def _check_images(images, B_name: str = "images") -> torch.Tensor:
@@ -132,7 +133,7 @@ def cfg_norm_train(pipe, images, captions, *, t0: float = 0.01, n_euler: int = 3
         batch_size: images per VAE / UNet call (default: all).
 
     Returns:
-        float32 tensor [B] on the CPU, in score units (1 / latent units): the eps
+        float32 tensor [B] (float64 for a float64 pipeline) on the CPU, in score units (1 / latent units): the eps
         difference divided by sigma(t0). High values flag memorized images.
     """
     tp = text_pipeline(pipe)
@@ -146,7 +147,8 @@ def cfg_norm_train(pipe, images, captions, *, t0: float = 0.01, n_euler: int = 3
     if len(caps) != B:
         raise ValueError(f"captions has {len(caps)} entries but images has {B}; give one caption per image")
     bs = B if batch_size is None else check_int(batch_size, "batch_size", 1)
-    z = encode_images(tp.pipe, images.float(), batch_size=bs)
+    z = encode_images(tp.pipe, images.to(torch.float64 if tp.work_dtype == torch.float64 else torch.float32),
+                      batch_size=bs)
     C, f = tp.latent_shape()[0], tp.down_factor()
     if z.shape[1] != C or z.shape[-1] % f or z.shape[-2] % f:
         raise ValueError(f"images of size {tuple(images.shape[-2:])} give latents {tuple(z.shape[1:])}; the UNet "
@@ -162,7 +164,7 @@ def cfg_norm_train(pipe, images, captions, *, t0: float = 0.01, n_euler: int = 3
     out = torch.empty(B, dtype=torch.float64)
     for b0 in range(0, B, bs):
         sl = slice(b0, min(B, b0 + bs))
-        x = z[sl].to(tp.device, torch.float32)
+        x = z[sl].to(tp.device, tp.work_dtype)
         kw = {"encoder_hidden_states": emb.index_select(0, cidx[sl])}
         for k in range(n_euler):
             (psi_a, sig_a), (psi_b, sig_b) = coef[k], coef[k + 1]
@@ -176,5 +178,5 @@ def cfg_norm_train(pipe, images, captions, *, t0: float = 0.01, n_euler: int = 3
         out[sl] = ((e_c - e_u).reshape(x.shape[0], -1).to(torch.float64).norm(dim=1) / sigma).cpu()
     if not bool(torch.isfinite(out).all()):  # pragma: no cover - a diverging network
         raise FloatingPointError("cfg_norm_train produced non-finite values (fp16 overflow in the UNet?)")
-    return out.to(torch.float32)
+    return out.to(tp.work_dtype)
 

@@ -33,12 +33,14 @@ dependence of the sampling distribution on c is not differentiated.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
+from ..models.forward_ad import math_attention
 from ..ops.hutchinson import hutchinson_probes
 from ._core import TextPipeline, check_guidance, check_int, text_pipeline
 
@@ -110,6 +112,7 @@ def run_metric(tp: TextPipeline, cond: torch.Tensor, p: _Plan, grid, *,
     Image n of every prompt starts from the latent keyed by (seed, n); the
     Hutchinson probes of image n at step i are keyed by (seed, n * len(grid) + i).
     """
+    cond = cond.to(tp.device, tp.dtype)  # differentiable cast (a float32 leaf for an fp16 UNet)
     N = cond.shape[0]
     R = N * p.num_images
     img = torch.arange(R) % p.num_images
@@ -127,7 +130,10 @@ def run_metric(tp: TextPipeline, cond: torch.Tensor, p: _Plan, grid, *,
             with torch.no_grad():
                 e_u, e_c = tp.pair(xi, grid, i, cond_rows, uncond)
             return e_u + lam * (e_c - e_u)
-        with torch.set_grad_enabled(differentiable or p.metric == "flipd"):
+        # a differentiable Hutchinson term needs double backward: attention on the math backend
+        second = differentiable and p.metric == "flipd"
+        with torch.set_grad_enabled(differentiable or p.metric == "flipd"), \
+                (math_attention() if second else contextlib.nullcontext()):
             xin = xi.detach().requires_grad_(p.metric == "flipd")
             # re-indexed at every step: each step's graph to cond is its own (freed by its backward)
             c_in = cond.index_select(0, pidx) if differentiable else cond_rows
@@ -188,8 +194,8 @@ def memorization_score(pipe, prompt_or_embeds, *, metric: str = "cfg", num_image
         callback: ``callback(i, t_i, x_i)`` before each DDIM step (x_i [N * num_images, C, h, w]).
 
     Returns:
-        float32 tensor [N] (a 0-d tensor for one prompt given as a string or an
-        [L, D] tensor) on the UNet's device; differentiable w.r.t. a
+        float32 tensor [N] (float64 for a float64 pipeline; a 0-d tensor for one
+        prompt given as a string or an [L, D] tensor) on the UNet's device; differentiable w.r.t. a
         hidden-state tensor that requires grad. "cfg"/"score" are in squared
         eps units; "flipd" in dimensions (d = latent size; values can be negative).
     """
@@ -202,5 +208,5 @@ def memorization_score(pipe, prompt_or_embeds, *, metric: str = "cfg", num_image
     acc = []
     run_metric(tp, cond, p, grid, on_step=lambda i, t, v: acc.append(v), callback=callback,
                differentiable=differentiable)
-    out = torch.stack(acc).mean(0).to(torch.float32)
+    out = torch.stack(acc).mean(0).to(tp.work_dtype)
     return out[0] if single else out
