@@ -21,6 +21,7 @@ import math
 import os
 import re
 import urllib.request
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -440,6 +441,12 @@ def evaluate_mitigation(pipe, prompts, new_prompts, *, similarity: Callable | No
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be a callable or None, got {type(fn).__name__}")
     num_images = check_int(num_images, "num_images", 1)
+    if references is not None:
+        if not isinstance(references, torch.Tensor) or references.dim() != 4 or references.shape[0] != len(prompts):
+            raise ValueError(f"references must be a tensor [N, 3, H, W] with N = {len(prompts)} (one image per prompt)")
+        if not bool(torch.isfinite(references).all()) or float(references.min()) < -1.001 \
+                or float(references.max()) > 1.001:
+            raise ValueError("references must lie in [-1, 1]")
     texts, meta = [], []
     for i, p in enumerate(prompts):
         vs = ([(-1, p)] if include_original else []) + list(enumerate(variants[i]))
@@ -454,13 +461,9 @@ def evaluate_mitigation(pipe, prompts, new_prompts, *, similarity: Callable | No
         ref_rows = [meta[j][0] * num_images + n for j in range(len(texts)) for n in range(num_images)]
         refs = ref[ref_rows]
     else:
-        if not isinstance(references, torch.Tensor) or references.dim() != 4 or references.shape[0] != len(prompts):
-            raise ValueError(f"references must be a tensor [N, 3, H, W] with N = {len(prompts)} (one image per prompt)")
         if references.shape[1:] != images.shape[1:]:
             raise ValueError(f"references have shape {tuple(references.shape[1:])} per image, the pipeline generates "
                              f"{tuple(images.shape[1:])}")
-        if float(references.min()) < -1.001 or float(references.max()) > 1.001:
-            raise ValueError("references must lie in [-1, 1]")
         refs = references.to(images.device, images.dtype)[[meta[j][0] for j in range(len(texts))
                                                             for _ in range(num_images)]]
     sims = _scores(similarity, "similarity", images, refs) if similarity is not None else None
@@ -520,7 +523,9 @@ def _load_torchscript(path, device) -> torch.jit.ScriptModule:
     if not os.path.isfile(str(path)):
         raise FileNotFoundError(f"no TorchScript file at {path!s}")
     try:
-        model = torch.jit.load(str(path), map_location=device)
+        with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript; SSCD ships as TorchScript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = torch.jit.load(str(path), map_location=device)
     except (RuntimeError, ValueError) as e:
         raise ValueError(f"{path!s} is not a TorchScript archive (torch.jit.save output): {e}") from e
     return model.eval()
