@@ -115,7 +115,8 @@ def test_cfg_norm_train_flags_the_memorized_image_with_the_closed_form_value():
     got = cfg_norm_train(P.pipe, imgs, caps)
     assert got.shape == (4,) and got.dtype == torch.float64
     assert float(got[0]) > 0.1 and bool((got[1:] == 0).all())
-    # closed form: Euler from the clean latent (psi 1, sigma 0) over t = 0, t0/3, 2t0/3, t0, then |eps_c - eps_u| / sigma
+    # closed form: Euler from the clean latent (psi 1, sigma 0) over t = 0, t0/3, 2t0/3, t0,
+    # then |eps_c - eps_u| / sigma
     ac = P.pipe.scheduler.alphas_cumprod.double()
 
     def coef(t):  # the continuous time's interpolated alphas_cumprod, as mmh_fast.models.schedules

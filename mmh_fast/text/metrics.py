@@ -194,9 +194,9 @@ def memorization_score(pipe, prompt_or_embeds, *, metric: str = "cfg", num_image
         callback: ``callback(i, t_i, x_i)`` before each DDIM step (x_i [N * num_images, C, h, w]).
 
     Returns:
-        float32 tensor [N] (float64 for a float64 pipeline; a 0-d tensor for one
-        prompt given as a string or an [L, D] tensor) on the UNet's device; differentiable w.r.t. a
-        hidden-state tensor that requires grad. "cfg"/"score" are in squared
+        float32 tensor [N] (float64 for a float64 pipeline; a 0-d tensor for
+        one prompt given as a string or an [L, D] tensor) on the UNet's device;
+        differentiable w.r.t. a hidden-state tensor that requires grad. "cfg"/"score" are in squared
         eps units; "flipd" in dimensions (d = latent size; values can be negative).
     """
     tp = text_pipeline(pipe)

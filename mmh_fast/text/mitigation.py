@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import re
 import urllib.request
 import warnings
@@ -41,6 +42,18 @@ REPHRASERS = ("drop", "random_token", "caption_word", "random_number")
 def _key(seed: int, index: int, stream: str) -> int:
     h = hashlib.blake2b(f"{int(seed)}:{int(index)}".encode(), digest_size=8, person=stream.encode()[:16])
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def _positive(v, name: str) -> float:
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be a number, got {v!r}")
+    try:
+        val = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {v!r}") from None
+    if not (val > 0 and math.isfinite(val)):
+        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    return val
 
 
 def _squash(text: str) -> str:
@@ -77,8 +90,6 @@ def rewrite(pt: PromptTokens, replacements: dict) -> str:
 def _builtin_items(kind: str, pt: PromptTokens, k: int, seed: int, tokenizer) -> list[str]:
     """k replacement items of a Somepalli et al. baseline (mmh_fast.mitigations)."""
     from .. import mitigations as M  # the shared prompt transforms (GNI/RT/CWR/RNA)
-
-    import random
 
     rng = random.Random(seed)
     words = pt.prompt.split()
@@ -127,12 +138,7 @@ def mitigate(pipe, prompt: str, *, k: int = 3, metric: str = "flipd", temperatur
     k = check_int(k, "k", 1)
     n = check_int(n, "n", 1)
     seed = check_int(seed, "seed", 0)
-    try:
-        temperature = float(temperature)
-    except (TypeError, ValueError):
-        raise TypeError(f"temperature must be a number, got {temperature!r}") from None
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = _positive(temperature, "temperature")
     if not (callable(rephraser) or rephraser in REPHRASERS):
         raise ValueError(f"rephraser must be one of {REPHRASERS} or a callable(prompt, tokens) -> str, "
                          f"got {rephraser!r}")
@@ -307,12 +313,7 @@ def optimize_prompt_embedding(pipe, prompt, *, metric: str = "cfg", lr: float = 
     tp = text_pipeline(pipe)
     metric = check_metric(metric)
     iters = check_int(iters, "iters", 0)
-    try:
-        lr = float(lr)
-    except (TypeError, ValueError):
-        raise TypeError(f"lr must be a number, got {lr!r}") from None
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be > 0, got {lr}")
+    lr = _positive(lr, "lr")
     if target is not None:
         target = float(target)
     p, grid = plan(tp, metric, num_images=num_images, t_range=t_range, seed=seed,
