@@ -242,6 +242,8 @@ def test_evaluate_mitigation_table():
     assert [r["clip_score"] for r in rows if r["prompt_index"] == 1] == [len("a dog")] * 4  # against the original
     assert [(r["prompt_index"], r["variant"], r["image_index"]) for r in rows[:6]] == [
         (0, -1, 0), (0, -1, 1), (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)]
+    alone = evaluate_mitigation(pipe, prompts, new, similarity=sim, include_original=False, **kw)
+    assert [r["similarity"] for r in alone] == pytest.approx([r["similarity"] for r in rows if r["variant"] >= 0])
     # explicit references: each image is compared with its own prompt's reference
     refs = torch.stack([torch.full((3, 8, 8), -0.5), torch.full((3, 8, 8), 0.5)])
     rows = evaluate_mitigation(pipe, prompts, new, similarity=lambda i, r: r.flatten(1).mean(1), references=refs,

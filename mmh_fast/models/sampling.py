@@ -36,7 +36,7 @@ import torch
 from .denoiser import Denoiser
 from .schedules import DiscreteSchedule, Schedule, make_schedule
 
-__all__ = ["DDIMGrid", "ddim_grid", "ddim_sample", "keyed_normal", "DDIM_SPACINGS"]
+__all__ = ["DDIMGrid", "ddim_grid", "ddim_sample", "keyed_normal", "keyed_seed", "DDIM_SPACINGS"]
 
 DDIM_SPACINGS = ("leading", "trailing", "linspace")
 
@@ -133,16 +133,22 @@ def ddim_grid(scheduler, num_inference_steps: int = 50, *, spacing: str | None =
                     psi_next=tuple(a ** 0.5 for a in abar_next), sigma_next=tuple((1 - a) ** 0.5 for a in abar_next))
 
 
+def keyed_seed(seed: int, sample_id: int, stream: str) -> int:
+    """A 63-bit generator seed from (seed, sample id, stream) by BLAKE2b (never
+    Python's salted hash): stable across processes, runs and platforms."""
+    h = hashlib.blake2b(f"{int(seed)}:{int(sample_id)}".encode(), digest_size=8, person=stream.encode()[:16])
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
 def keyed_normal(shape: Sequence[int], seed: int, sample_ids: Sequence[int], *, dtype=torch.float32,
                  device=None) -> torch.Tensor:
     """Standard normal draws [len(sample_ids), *shape]; row r depends only on
-    (seed, sample_ids[r]) (a BLAKE2b hash of both seeds a CPU generator), so it
-    is the same in any batch, order, process or device."""
+    (seed, sample_ids[r]) (:func:`keyed_seed` seeds a CPU generator), so it is
+    the same in any batch, order, process or device."""
     shape = tuple(int(s) for s in shape)
     out = torch.empty((len(sample_ids),) + shape, dtype=torch.float32)
     for r, sid in enumerate(sample_ids):
-        h = hashlib.blake2b(f"{int(seed)}:{int(sid)}".encode(), digest_size=8, person=b"mmh-ddim-noise")
-        g = torch.Generator().manual_seed(int.from_bytes(h.digest(), "little") & ((1 << 63) - 1))
+        g = torch.Generator().manual_seed(keyed_seed(seed, sid, "mmh-ddim-noise"))
         out[r] = torch.randn(shape, generator=g)
     return out.to(device=device, dtype=dtype)
 

@@ -49,12 +49,12 @@ class PromptTokens:
         return len(self.positions)
 
 
-def prompt_tokens(pipe, prompt: str) -> PromptTokens:
+def prompt_tokens(pipe, prompt: str, *, warn: bool = True) -> PromptTokens:
     """The prompt's own tokens (see :class:`PromptTokens`); over-long prompts
-    are truncated with a warning."""
+    are truncated (with a warning unless ``warn=False``)."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-    ids, mask, _ = tokenize_prompts(pipe, [prompt])
+    ids, mask, _ = tokenize_prompts(pipe, [prompt], warn=warn)
     ids, mask = ids[0].tolist(), mask[0].tolist()
     tok = pipe.tokenizer
     n = int(sum(mask))  # BOS + tokens + EOS under the attention mask (CLIP tokenizers)
@@ -73,13 +73,14 @@ def prompt_tokens(pipe, prompt: str) -> PromptTokens:
 
 
 def _attribute(tp: TextPipeline, prompt: str, p, grid, callback) -> tuple[list[str], list[str], torch.Tensor]:
-    pt = prompt_tokens(tp.pipe, prompt)
+    pt = prompt_tokens(tp.pipe, prompt, warn=False)  # tp.embed below warns about truncation
     positions, raw, readable = pt.positions, pt.raw, pt.text
     if not positions:
         raise ValueError(f"prompt {prompt!r} has no tokens to attribute")
     base = tp.embed([prompt]).detach()
-    # the leaf in float32 whatever the UNet's dtype, so fp16 gradients are read in float32
-    leaf = base.to(torch.float32).requires_grad_(True)
+    # the leaf in float32 (float64 for float64 pipelines) whatever the UNet's dtype, so fp16
+    # gradients are read in float32
+    leaf = base.to(tp.work_dtype).requires_grad_(True)
     acc = torch.zeros(base.shape[1], dtype=torch.float64)
 
     def on_step(i, t, value):

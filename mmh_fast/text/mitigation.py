@@ -15,7 +15,6 @@ Wen et al. 2023; Somepalli et al. 2023).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from ..models.pipelines import decode_latents
+from ..models.sampling import keyed_seed
 from ._core import as_prompts, check_guidance, check_int, text_pipeline
 from .attribution import PromptTokens, _attribute, prompt_tokens
 from .metrics import check_metric, plan, run_metric
@@ -37,11 +37,6 @@ __all__ = ["mitigate", "REPHRASERS", "OpenAIChatRephraser", "BOX1_INSTRUCTION", 
            "generate", "evaluate_mitigation", "load_sscd_similarity", "load_clip_score"]
 
 REPHRASERS = ("drop", "random_token", "caption_word", "random_number")
-
-
-def _key(seed: int, index: int, stream: str) -> int:
-    h = hashlib.blake2b(f"{int(seed)}:{int(index)}".encode(), digest_size=8, person=stream.encode()[:16])
-    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
 
 
 def _positive(v, name: str) -> float:
@@ -156,7 +151,7 @@ def mitigate(pipe, prompt: str, *, k: int = 3, metric: str = "flipd", temperatur
     probs = torch.softmax(scores / temperature, 0)
     out = []
     for r in range(n):
-        g = torch.Generator().manual_seed(_key(seed, r, "mitigate"))
+        g = torch.Generator().manual_seed(keyed_seed(seed, r, "mitigate"))
         chosen = sorted(torch.multinomial(probs, k, replacement=False, generator=g).tolist())
         if callable(rephraser):
             new = rephraser(prompt, [pt.text[i] for i in chosen])
@@ -165,7 +160,7 @@ def mitigate(pipe, prompt: str, *, k: int = 3, metric: str = "flipd", temperatur
         elif rephraser == "drop":
             new = rewrite(pt, {i: "" for i in chosen})
         else:
-            items = _builtin_items(rephraser, pt, k, _key(seed, r, "rephrase"), tp.pipe.tokenizer)
+            items = _builtin_items(rephraser, pt, k, keyed_seed(seed, r, "rephrase"), tp.pipe.tokenizer)
             new = rewrite(pt, dict(zip(chosen, items)))
         out.append(new)
     return out
@@ -322,7 +317,7 @@ def optimize_prompt_embedding(pipe, prompt, *, metric: str = "cfg", lr: float = 
     base, _ = tp.as_embeddings(prompt, "prompt")
     if base.shape[0] != 1:
         raise ValueError(f"optimize_prompt_embedding takes one prompt, got {base.shape[0]}")
-    base = base.detach().to(torch.float32)
+    base = base.detach().to(tp.work_dtype)  # optimised in float32 (float64 for a float64 pipeline)
     bos = base[:, :1]
     rest = base[:, 1:].clone().requires_grad_(True)
     opt = torch.optim.AdamW([rest], lr=lr, weight_decay=float(weight_decay))
@@ -458,7 +453,11 @@ def evaluate_mitigation(pipe, prompts, new_prompts, *, similarity: Callable | No
               guidance_scale=guidance_scale, batch_size=batch_size)
     images = generate(pipe, texts, **kw)
     if references is None:
-        ref = generate(pipe, prompts, **kw)  # [N * num_images]: image n of prompt i
+        if include_original:  # the originals' samples are already there: rows of variant -1
+            orig = {i: j for j, (i, v) in enumerate(meta) if v == -1}
+            ref = images[[orig[i] * num_images + n for i in range(len(prompts)) for n in range(num_images)]]
+        else:
+            ref = generate(pipe, prompts, **kw)  # [N * num_images]: image n of prompt i
         ref_rows = [meta[j][0] * num_images + n for j in range(len(texts)) for n in range(num_images)]
         refs = ref[ref_rows]
     else:
