@@ -14,7 +14,7 @@ from mmh_fast.text import (BOX1_INSTRUCTION, OpenAIChatRephraser, cfg_norm, eval
                            load_clip_score, load_sscd_similarity, memorization_score, mitigate,
                            optimize_prompt_embedding, prompt_tokens)
 from mmh_fast.text.mitigation import rewrite
-from text_fixtures import MEM, OTHERS, planted, tiny_sd
+from text_fixtures import MEM, planted, tiny_sd
 
 
 # ----------------------------------------------------------------------------- mitigate

@@ -30,7 +30,7 @@ import torch
 from ..models.pipelines import decode_latents
 from ..models.sampling import keyed_seed
 from ._core import as_prompts, check_guidance, check_int, text_pipeline
-from .attribution import PromptTokens, _attribute, prompt_tokens
+from .attribution import PromptTokens, prompt_tokens, token_attributions
 from .metrics import check_metric, plan, run_metric
 
 __all__ = ["mitigate", "REPHRASERS", "OpenAIChatRephraser", "BOX1_INSTRUCTION", "optimize_prompt_embedding",
@@ -53,10 +53,6 @@ def _positive(v, name: str) -> float:
 
 def _squash(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
-
-
-def _detokenize(raw: Sequence[str]) -> str:
-    return _squash("".join(t.replace("</w>", " ") for t in raw))
 
 
 def rewrite(pt: PromptTokens, replacements: dict) -> str:
@@ -134,6 +130,7 @@ def mitigate(pipe, prompt: str, *, k: int = 3, metric: str = "flipd", temperatur
     n = check_int(n, "n", 1)
     seed = check_int(seed, "seed", 0)
     temperature = _positive(temperature, "temperature")
+    metric = check_metric(metric)
     if not (callable(rephraser) or rephraser in REPHRASERS):
         raise ValueError(f"rephraser must be one of {REPHRASERS} or a callable(prompt, tokens) -> str, "
                          f"got {rephraser!r}")
@@ -144,9 +141,7 @@ def mitigate(pipe, prompt: str, *, k: int = 3, metric: str = "flipd", temperatur
     if k > len(pt):
         raise ValueError(f"k = {k} exceeds the prompt's {len(pt)} token(s) {pt.text}; use k <= {len(pt)}")
     if attributions is None:
-        from .attribution import token_attributions
-
-        attributions = token_attributions(pipe, prompt, metric=check_metric(metric), **(attribution_kwargs or {}))
+        attributions = token_attributions(pipe, prompt, metric=metric, **(attribution_kwargs or {}))
     scores = _attribution_scores(attributions, pt)
     probs = torch.softmax(scores / temperature, 0)
     out = []
