@@ -7,6 +7,7 @@ from diffusers import DDIMScheduler
 from mmh_fast.models import Denoiser, make_schedule
 from mmh_fast.models.pipelines import encode_prompts
 from mmh_fast.models.sampling import ddim_grid, ddim_sample, keyed_normal
+from mmh_fast.testing import tiny_stable_diffusion_pipeline
 from text_fixtures import tiny_sd
 
 
@@ -35,8 +36,10 @@ def test_grid_matches_diffusers_ddim_timesteps(spacing, offset, to_one):
         ddim_grid(sch, 5, spacing="karras")
 
 
-def test_cfg_ddim_reproduces_the_stable_diffusion_pipeline():
-    pipe = tiny_sd()
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_cfg_ddim_reproduces_the_stable_diffusion_pipeline(prediction_type):
+    pipe = tiny_sd() if prediction_type == "epsilon" else \
+        tiny_stable_diffusion_pipeline(image_size=8, prediction_type=prediction_type)
     x = keyed_normal((4, 4, 4), 3, [0, 1])
     den = Denoiser(pipe.unet, make_schedule(pipe.scheduler))
     e = encode_prompts(pipe, ["a red car", ""])

@@ -80,6 +80,18 @@ def test_cfg_norm_matches_diffusers_ddim_loop_and_is_batch_invariant():
     assert not torch.allclose(cfg_norm(pipe, prompts, **{**kw, "seed": 4}), got)
 
 
+def test_any_scheduler_with_alphas_cumprod_gives_the_same_ddim_trajectory():
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler
+
+    pipe = tiny_sd()
+    kw = dict(num_images=2, steps=(0, 3), num_inference_steps=10)
+    want = cfg_norm(pipe, ["a red car", "a dog"], **kw)
+    for cls in (EulerDiscreteScheduler, PNDMScheduler):  # the grid follows the config's timestep spacing
+        sch = cls.from_config(pipe.scheduler.config, timestep_spacing="leading", steps_offset=1)
+        other = type(pipe)(**{**pipe.components, "scheduler": sch})
+        torch.testing.assert_close(cfg_norm(other, ["a red car", "a dog"], **kw), want)
+
+
 class _Counter:
     def __init__(self, module):
         self.calls, self.rows = 0, 0
