@@ -7,12 +7,11 @@
 - token_attributions (default flipd metric; and cfg) against one two-branch
   call on the prompt's num_images rows: the cost in "UNet calls".
 
-CPU tiers use the tiny Stable Diffusion pipeline of mmh_fast.testing; the gpu
-tier a randomly initialised SD-1.5-sized UNet (64 x 64 latents, fp16) with a
-CLIP-L-sized text encoder (no weights needed).
+The tiny Stable Diffusion pipeline of mmh_fast.testing on the CPU (quick: 20
+DDIM steps for the attributions, full: 50); the SD-1.5-sized fp16 figures on a
+GPU are bench/bench_gpu.py's.
 
     python -m pytest bench/bench_text.py -o addopts= --benchmark-enable --benchmark-only
-    python -m pytest bench/bench_text.py -o addopts= --benchmark-enable --benchmark-only --tier gpu
 """
 import warnings
 
@@ -21,7 +20,7 @@ import torch
 
 from _harness import compare
 from mmh_fast.models.pipelines import encode_prompts
-from mmh_fast.models.sampling import ddim_grid, keyed_normal
+from mmh_fast.models.sampling import ddim_grid, sample_noise
 from mmh_fast.testing import tiny_stable_diffusion_pipeline, word_merges
 from mmh_fast.text import cfg_norm, token_attributions
 
@@ -37,29 +36,8 @@ def _tiny():
         return tiny_stable_diffusion_pipeline(image_size=16, merges=word_merges(WORDS))
 
 
-def _sd15_sized():
-    """StableDiffusionPipeline with an SD-1.5-sized random UNet / text encoder on CUDA, fp16."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tiny = _tiny()
-    tok = tiny.tokenizer
-    tok.model_max_length = 77
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                        pad_token_id=tok.pad_token_id))
-    vae = AutoencoderKL(latent_channels=4)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=tiny.scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return pipe.to("cuda", torch.float16)
-
-
 @pytest.fixture(scope="module")
-def pipe(tier):
-    if tier == "gpu":
-        return _sd15_sized()
+def pipe():
     return _tiny()
 
 
@@ -85,29 +63,23 @@ def _two_branch_call(pipe, prompts, num_images):
     e = encode_prompts(pipe, list(prompts) + [""])
     rows = len(prompts) * num_images
     c, h, w = pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size
-    x = keyed_normal((c, h, w), 0, list(range(rows)), device=e.device, dtype=e.dtype)
+    x = sample_noise((rows, c, h, w), seed=0, device=e.device, dtype=e.dtype)
     ehs = torch.cat([e[-1:].expand(rows, -1, -1), e[:-1].repeat_interleave(num_images, 0)])
     t = torch.full((2 * rows,), float(ddim_grid(pipe.scheduler, 50).timesteps[0]), device=e.device)
 
     @torch.no_grad()
     def call():
-        out = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=ehs).sample
-        if out.is_cuda:
-            torch.cuda.synchronize()
-        return out
+        return pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=ehs).sample
 
     return call
 
 
-@pytest.mark.tier("quick", "full", "gpu")
+@pytest.mark.tier("quick", "full")
 def test_cfg_norm_one_step_vs_one_two_branch_call(benchmark, pipe, tier):
     prompts = PROMPTS if tier != "full" else PROMPTS * 4
 
     def ours():
-        out = cfg_norm(pipe, prompts, num_images=NUM_IMAGES)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return out
+        return cfg_norm(pipe, prompts, num_images=NUM_IMAGES)
 
     anchor = _two_branch_call(pipe, prompts, NUM_IMAGES)
     compare(benchmark, ours, anchor, anchor_name="one two-branch UNet call on the same rows", rounds=15, warmup=3,
@@ -117,7 +89,7 @@ def test_cfg_norm_one_step_vs_one_two_branch_call(benchmark, pipe, tier):
     benchmark.extra_info["ratio_interleaved"] = interleaved_ratio(ours, anchor, 20)
 
 
-@pytest.mark.tier("quick", "full", "gpu")
+@pytest.mark.tier("quick", "full")
 @pytest.mark.parametrize("metric", ["flipd", "cfg"])
 def test_token_attributions_in_unet_calls(benchmark, pipe, tier, metric):
     prompt = PROMPTS[0]
@@ -130,12 +102,9 @@ def test_token_attributions_in_unet_calls(benchmark, pipe, tier, metric):
             call()
 
     def ours():
-        out = token_attributions(pipe, prompt, metric=metric, num_images=NUM_IMAGES, num_inference_steps=steps)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return out
+        return token_attributions(pipe, prompt, metric=metric, num_images=NUM_IMAGES, num_inference_steps=steps)
 
-    rounds = 1 if tier == "gpu" else 3
+    rounds = 3
     compare(benchmark, ours, anchor, anchor_name=f"{reps} two-branch UNet calls (num_images rows each)",
             rounds=rounds, warmup=1, num_inference_steps=steps, num_images=NUM_IMAGES,
             evaluated_steps=len([t for t in ddim_grid(pipe.scheduler, steps).times

@@ -9,7 +9,7 @@ import torch
 
 import mmh_fast
 from mmh_fast.models.pipelines import encode_images, encode_prompts
-from mmh_fast.models.sampling import keyed_normal
+from mmh_fast.models.sampling import sample_noise
 from mmh_fast.testing import tiny_ddpm_pipeline
 from mmh_fast.text import cfg_norm, cfg_norm_train
 from text_fixtures import MEM, OTHERS, planted, tiny_sd
@@ -41,7 +41,7 @@ def test_cfg_norm_flags_the_planted_prompt_with_the_closed_form_value():
     t = 981  # the first timestep of the 50-step "leading" grid with steps_offset 1
     a = _abar(P.pipe, t)
     psi, sigma = a ** 0.5, (1 - a) ** 0.5
-    x = keyed_normal((4, 8, 8), 5, [0, 1, 2], dtype=torch.float64).reshape(3, -1)
+    x = sample_noise((3, 4, 8, 8), seed=5, dtype=torch.float64).reshape(3, -1)
     g = _gate(P, MEM)
     diff = _planted_eps(P.model, x, psi, sigma, g) - _planted_eps(P.model, x, psi, sigma, 0.0)
     assert float(got[0]) == pytest.approx(float(diff.norm(dim=1).mean()), rel=1e-5)
@@ -59,7 +59,7 @@ def test_cfg_norm_matches_diffusers_ddim_loop_and_is_batch_invariant():
     e = encode_prompts(pipe, prompts + [""])
     want = []
     for p in range(3):
-        x = keyed_normal((4, 4, 4), 3, [0, 1])
+        x = sample_noise((2, 4, 4, 4), seed=3)
         tot = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
             for i, t in enumerate(sch.timesteps[:4]):

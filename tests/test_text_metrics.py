@@ -8,7 +8,7 @@ import torch
 
 import mmh_fast
 from mmh_fast.models.pipelines import encode_prompts
-from mmh_fast.models.sampling import ddim_grid
+from mmh_fast.models.sampling import ddim_grid, sample_noise
 from mmh_fast.text import memorization_score, token_attributions
 from text_fixtures import MEM, OTHERS, planted, tiny_sd
 
@@ -144,8 +144,7 @@ def test_token_attributions_on_the_unet_equal_the_first_step_gradient():
     att = token_attributions(pipe, "a red car", metric="cfg", num_images=2, num_inference_steps=5,
                              t_range=(0.7, 1.0), seed=1)
     e = encode_prompts(pipe, "a red car").requires_grad_(True)
-    from mmh_fast.models.sampling import keyed_normal
-    x = keyed_normal((4, 4, 4), 1, [0, 1])
+    x = sample_noise((2, 4, 4, 4), seed=1)
     u = encode_prompts(pipe, "")
     out = pipe.unet(torch.cat([x, x]), torch.tensor(float(g.timesteps[0])),
                     encoder_hidden_states=torch.cat([u.expand(2, -1, -1), e.expand(2, -1, -1)])).sample

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmh_fast.models.pipelines import decode_latents, encode_prompts
-from mmh_fast.models.sampling import keyed_normal
+from mmh_fast.models.sampling import sample_noise
 from mmh_fast.text import (BOX1_INSTRUCTION, OpenAIChatRephraser, cfg_norm, evaluate_mitigation, generate,
                            load_clip_score, load_sscd_similarity, memorization_score, mitigate,
                            optimize_prompt_embedding, prompt_tokens)
@@ -212,7 +212,7 @@ def test_generate_is_the_pipelines_sampler():
     assert imgs.shape == (4, 3, 8, 8) and imgs.dtype == torch.float32 and float(imgs.abs().max()) <= 1
     lat = generate(pipe, "a dog", num_images=2, num_inference_steps=4, seed=3, output="latents")
     torch.testing.assert_close(decode_latents(pipe, lat), imgs[2:])
-    x = keyed_normal((4, 4, 4), 3, [0, 1])
+    x = sample_noise((2, 4, 4, 4), seed=3)
     with torch.no_grad():
         ref = pipe(["a dog"] * 2, num_inference_steps=4, guidance_scale=7.5, latents=x, output_type="latent").images
     torch.testing.assert_close(lat, ref, rtol=1e-4, atol=1e-4)

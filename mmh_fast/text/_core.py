@@ -10,7 +10,7 @@ import torch
 
 from ..models.denoiser import Denoiser, model_device, model_dtype
 from ..models.pipelines import encode_prompts, is_pipeline
-from ..models.sampling import DDIMGrid, ddim_grid, ddim_sample, keyed_normal
+from ..models.sampling import DDIMGrid, ddim_grid, ddim_trajectory, sample_noise
 from ..models.schedules import DiscreteSchedule, make_schedule
 
 __all__ = ["TextPipeline", "text_pipeline", "as_prompts", "check_guidance", "check_int"]
@@ -141,7 +141,9 @@ class TextPipeline:
 
     def initial_latents(self, image_ids: Sequence[int], seed: int) -> torch.Tensor:
         """x_T [len(image_ids), C, h, w] ~ N(0, I), row r keyed by (seed, image_ids[r])."""
-        return keyed_normal(self.latent_shape(), seed, list(image_ids), dtype=self.work_dtype, device=self.device)
+        ids = torch.as_tensor(list(image_ids), dtype=torch.int64, device=self.device)
+        return sample_noise((len(ids),) + self.latent_shape(), seed=seed, sample_ids=ids, dtype=self.work_dtype,
+                            device=self.device)
 
     def pair(self, x: torch.Tensor, grid: DDIMGrid, i: int, cond: torch.Tensor, uncond: torch.Tensor):
         """(eps_u, eps_c) at step i from one batched two-branch UNet call."""
@@ -153,13 +155,13 @@ class TextPipeline:
                guidance_scale: float, *, start: int = 0, stop: int | None = None,
                eps_fn: Callable | None = None, callback: Callable | None = None) -> torch.Tensor:
         """CFG DDIM steps [start, stop) (eps_u + lambda (eps_c - eps_u); see
-        :func:`mmh_fast.models.sampling.ddim_sample`)."""
+        :func:`mmh_fast.models.sampling.ddim_trajectory`)."""
         if eps_fn is None:
             def eps_fn(i, xi):
                 with torch.no_grad():
                     e_u, e_c = self.pair(xi, grid, i, cond, uncond)
                 return e_u + guidance_scale * (e_c - e_u)
-        return ddim_sample(self.denoiser, x, grid, start=start, stop=stop, eps_fn=eps_fn, callback=callback)
+        return ddim_trajectory(self.denoiser, x, grid, start=start, stop=stop, eps_fn=eps_fn, callback=callback)
 
 
 def text_pipeline(pipe, name: str = "pipe") -> TextPipeline:

@@ -21,14 +21,14 @@ import os
 import random
 import re
 import urllib.request
-import warnings
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from .._hashing import sample_seed
+from ..retrieval import load_torchscript_embedder
 from ..models.pipelines import decode_latents
-from ..models.sampling import keyed_seed
 from ._core import as_prompts, check_guidance, check_int, text_pipeline
 from .attribution import PromptTokens, prompt_tokens, token_attributions
 from .metrics import check_metric, plan, run_metric
@@ -146,7 +146,7 @@ def mitigate(pipe, prompt: str, *, k: int = 3, metric: str = "flipd", temperatur
     probs = torch.softmax(scores / temperature, 0)
     out = []
     for r in range(n):
-        g = torch.Generator().manual_seed(keyed_seed(seed, r, "mitigate"))
+        g = torch.Generator().manual_seed(sample_seed(seed, r, "mitigate"))
         chosen = sorted(torch.multinomial(probs, k, replacement=False, generator=g).tolist())
         if callable(rephraser):
             new = rephraser(prompt, [pt.text[i] for i in chosen])
@@ -155,7 +155,7 @@ def mitigate(pipe, prompt: str, *, k: int = 3, metric: str = "flipd", temperatur
         elif rephraser == "drop":
             new = rewrite(pt, {i: "" for i in chosen})
         else:
-            items = _builtin_items(rephraser, pt, k, keyed_seed(seed, r, "rephrase"), tp.pipe.tokenizer)
+            items = _builtin_items(rephraser, pt, k, sample_seed(seed, r, "rephrase"), tp.pipe.tokenizer)
             new = rewrite(pt, dict(zip(chosen, items)))
         out.append(new)
     return out
@@ -514,20 +514,9 @@ def _device(device):
     return torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load_torchscript(path, device) -> torch.jit.ScriptModule:
-    if not os.path.isfile(str(path)):
-        raise FileNotFoundError(f"no TorchScript file at {path!s}")
-    try:
-        with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript; SSCD ships as TorchScript
-            warnings.simplefilter("ignore", DeprecationWarning)
-            model = torch.jit.load(str(path), map_location=device)
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"{path!s} is not a TorchScript archive (torch.jit.save output): {e}") from e
-    return model.eval()
-
-
 def load_sscd_similarity(path, *, device=None, size: int = 288, batch_size: int = 32) -> Callable:
-    """A ``similarity(images, references) -> [M]`` from a local SSCD TorchScript file.
+    """A ``similarity(images, references) -> [M]`` from a local SSCD TorchScript file
+    (loaded by :func:`mmh_fast.retrieval.load_torchscript_embedder`).
 
     SSCD (Pizzi et al. 2022) descriptors: images in [-1, 1] -> [0, 1], the short
     side resized to ``size`` (bicubic, antialiased), ImageNet mean/std
@@ -535,15 +524,16 @@ def load_sscd_similarity(path, *, device=None, size: int = 288, batch_size: int 
     the cosine of the two descriptors (1 = copy). Nothing is downloaded.
     """
     dev = _device(device)
-    model = _load_torchscript(path, dev)
 
-    @torch.no_grad()
+    def prep(x):
+        return _normalize(_resize_short(_to_unit(x, "images"), size), _IMAGENET_MEAN, _IMAGENET_STD)
+
+    embedder = load_torchscript_embedder(path, device=dev, preprocess=prep)
+
     def embed(images):
-        x = _to_unit(images, "images")
-        outs = []
-        for b in range(0, x.shape[0], batch_size):
-            xb = _normalize(_resize_short(x[b:b + batch_size].to(dev), size), _IMAGENET_MEAN, _IMAGENET_STD)
-            outs.append(torch.nn.functional.normalize(model(xb).float().reshape(xb.shape[0], -1), dim=1))
+        _to_unit(images, "images")  # checked on the whole batch
+        outs = [torch.nn.functional.normalize(embedder(images[b:b + batch_size]), dim=1)
+                for b in range(0, images.shape[0], batch_size)]
         return torch.cat(outs)
 
     def similarity(images, references):

@@ -1,12 +1,12 @@
-"""DDIM sampling with CFG (mmh_fast.models.sampling) against diffusers'
-pipeline and scheduler, and the batch invariance of the keyed noise."""
+"""The scheduler-grid DDIM of mmh_fast.models.sampling (ddim_grid,
+ddim_trajectory) against diffusers' pipeline and scheduler."""
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
 from mmh_fast.models import Denoiser, make_schedule
 from mmh_fast.models.pipelines import encode_prompts
-from mmh_fast.models.sampling import ddim_grid, ddim_sample, keyed_normal
+from mmh_fast.models.sampling import ddim_grid, ddim_trajectory, sample_noise
 from mmh_fast.testing import tiny_stable_diffusion_pipeline
 from text_fixtures import tiny_sd
 
@@ -40,11 +40,11 @@ def test_grid_matches_diffusers_ddim_timesteps(spacing, offset, to_one):
 def test_cfg_ddim_reproduces_the_stable_diffusion_pipeline(prediction_type):
     pipe = tiny_sd() if prediction_type == "epsilon" else \
         tiny_stable_diffusion_pipeline(image_size=8, prediction_type=prediction_type)
-    x = keyed_normal((4, 4, 4), 3, [0, 1])
+    x = sample_noise((2, 4, 4, 4), seed=3)
     den = Denoiser(pipe.unet, make_schedule(pipe.scheduler))
     e = encode_prompts(pipe, ["a red car", ""])
     with torch.no_grad():
-        ours = ddim_sample(den, x, ddim_grid(pipe.scheduler, 8), cond={"encoder_hidden_states": e[:1]},
+        ours = ddim_trajectory(den, x, ddim_grid(pipe.scheduler, 8), cond={"encoder_hidden_states": e[:1]},
                            uncond={"encoder_hidden_states": e[1:]}, guidance_scale=7.5)
         ref = pipe(["a red car"] * 2, num_inference_steps=8, guidance_scale=7.5, latents=x.clone(),
                    output_type="latent").images
@@ -56,23 +56,14 @@ def test_ddim_steps_compose_and_callback_sees_every_state():
     den = Denoiser(pipe.unet, make_schedule(pipe.scheduler))
     g = ddim_grid(pipe.scheduler, 6)
     e = encode_prompts(pipe, ["a dog"])
-    x = keyed_normal((4, 4, 4), 0, [5])
+    x = sample_noise((1, 4, 4, 4), seed=0, sample_ids=[5])
     seen = []
     with torch.no_grad():
-        full = ddim_sample(den, x, g, cond={"encoder_hidden_states": e}, callback=lambda i, t, xi: seen.append((i, t)))
-        half = ddim_sample(den, x, g, cond={"encoder_hidden_states": e}, stop=3)
-        rest = ddim_sample(den, half, g, cond={"encoder_hidden_states": e}, start=3)
+        full = ddim_trajectory(den, x, g, cond={"encoder_hidden_states": e},
+                               callback=lambda i, t, xi: seen.append((i, t)))
+        half = ddim_trajectory(den, x, g, cond={"encoder_hidden_states": e}, stop=3)
+        rest = ddim_trajectory(den, half, g, cond={"encoder_hidden_states": e}, start=3)
     torch.testing.assert_close(rest, full)
     assert seen == [(i, g.times[i]) for i in range(6)]
     with pytest.raises(ValueError, match="start"):
-        ddim_sample(den, x, g, start=4, stop=2)
-
-
-def test_keyed_normal_depends_only_on_seed_and_id():
-    a = keyed_normal((3, 2), 7, [0, 1, 2, 3])
-    b = keyed_normal((3, 2), 7, [3, 1])
-    torch.testing.assert_close(b, a[[3, 1]])
-    assert not torch.equal(keyed_normal((3, 2), 8, [0]), a[:1])
-    assert keyed_normal((3, 2), 7, [0], dtype=torch.float64).dtype == torch.float64
-    big = keyed_normal((4096,), 0, [0])
-    assert abs(float(big.mean())) < 0.1 and abs(float(big.std()) - 1) < 0.1
+        ddim_trajectory(den, x, g, start=4, stop=2)
