@@ -13,7 +13,7 @@ from ..models.pipelines import encode_prompts, is_pipeline
 from ..models.sampling import DDIMGrid, ddim_grid, ddim_trajectory, sample_noise
 from ..models.schedules import DiscreteSchedule, make_schedule
 
-__all__ = ["TextPipeline", "text_pipeline", "as_prompts", "check_guidance", "check_int"]
+__all__ = ["TextPipeline", "text_pipeline", "as_prompts", "check_guidance", "check_int", "check_float"]
 
 
 def check_int(v, name: str, lo: int) -> int:
@@ -24,16 +24,21 @@ def check_int(v, name: str, lo: int) -> int:
     return int(v)
 
 
-def check_guidance(g) -> float:
-    if isinstance(g, bool):
-        raise TypeError(f"guidance_scale must be a number, got {g!r}")
+def check_float(v, name: str, *, positive: bool = False) -> float:
+    """A finite number (> 0 with ``positive``) as float; TypeError / ValueError naming ``name``."""
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be a number, got {v!r}")
     try:
-        val = float(g)
+        val = float(v)
     except (TypeError, ValueError):
-        raise TypeError(f"guidance_scale must be a number, got {g!r}") from None
-    if not math.isfinite(val):
-        raise ValueError(f"guidance_scale must be finite, got {g!r}")
+        raise TypeError(f"{name} must be a number, got {v!r}") from None
+    if not math.isfinite(val) or (positive and not val > 0):
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {v!r}")
     return val
+
+
+def check_guidance(g) -> float:
+    return check_float(g, "guidance_scale")
 
 
 def as_prompts(prompts, name: str = "prompts") -> list[str]:

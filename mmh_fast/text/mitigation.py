@@ -16,7 +16,6 @@ Wen et al. 2023; Somepalli et al. 2023).
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import re
@@ -29,7 +28,7 @@ import torch
 from .._hashing import sample_seed
 from ..retrieval import load_torchscript_embedder
 from ..models.pipelines import decode_latents
-from ._core import as_prompts, check_guidance, check_int, text_pipeline
+from ._core import as_prompts, check_float, check_guidance, check_int, text_pipeline
 from .attribution import PromptTokens, prompt_tokens, token_attributions
 from .metrics import check_metric, plan, run_metric
 
@@ -37,18 +36,6 @@ __all__ = ["mitigate", "REPHRASERS", "OpenAIChatRephraser", "BOX1_INSTRUCTION", 
            "generate", "evaluate_mitigation", "load_sscd_similarity", "load_clip_score"]
 
 REPHRASERS = ("drop", "random_token", "caption_word", "random_number")
-
-
-def _positive(v, name: str) -> float:
-    if isinstance(v, bool):
-        raise TypeError(f"{name} must be a number, got {v!r}")
-    try:
-        val = float(v)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {v!r}") from None
-    if not (val > 0 and math.isfinite(val)):
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-    return val
 
 
 def _squash(text: str) -> str:
@@ -129,7 +116,7 @@ def mitigate(pipe, prompt: str, *, k: int = 3, metric: str = "flipd", temperatur
     k = check_int(k, "k", 1)
     n = check_int(n, "n", 1)
     seed = check_int(seed, "seed", 0)
-    temperature = _positive(temperature, "temperature")
+    temperature = check_float(temperature, "temperature", positive=True)
     metric = check_metric(metric)
     if not (callable(rephraser) or rephraser in REPHRASERS):
         raise ValueError(f"rephraser must be one of {REPHRASERS} or a callable(prompt, tokens) -> str, "
@@ -303,7 +290,7 @@ def optimize_prompt_embedding(pipe, prompt, *, metric: str = "cfg", lr: float = 
     tp = text_pipeline(pipe)
     metric = check_metric(metric)
     iters = check_int(iters, "iters", 0)
-    lr = _positive(lr, "lr")
+    lr = check_float(lr, "lr", positive=True)
     if target is not None:
         target = float(target)
     p, grid = plan(tp, metric, num_images=num_images, t_range=t_range, seed=seed,
