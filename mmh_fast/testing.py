@@ -30,7 +30,7 @@ from .models.schedules import Schedule, make_schedule
 
 __all__ = ["GaussianMixtureEps", "EmpiricalEps", "DenoiserOutput", "GaussianEps", "ConditionalEmpiricalEps",
            "tiny_unet2d", "tiny_unet2d_condition", "tiny_ddpm_pipeline", "tiny_stable_diffusion_pipeline",
-           "write_tiny_clip_tokenizer"]
+           "write_tiny_clip_tokenizer", "word_merges", "PlantedMemorizer"]
 
 
 @dataclass
@@ -440,8 +440,26 @@ def tiny_ddpm_pipeline(*, sample_size: int = 8, in_channels: int = 3, seed: int 
     return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(prediction_type=prediction_type))
 
 
+def word_merges(words: Sequence[str]) -> list[str]:
+    """BPE merges that make each given lowercase word one CLIP token ("word</w>"):
+    the chain "w o", "wo r", "wor d</w>" per word (pass them to
+    :func:`write_tiny_clip_tokenizer` / :func:`tiny_stable_diffusion_pipeline`)."""
+    out: list[str] = []
+    for w in words:
+        if not w or any(c.isspace() for c in w):
+            raise ValueError(f"words must be non-empty and without spaces, got {w!r}")
+        if len(w) == 1:
+            continue  # a one-character word is already the token "c</w>"
+        for i in range(1, len(w)):
+            m = f"{w[:i]} {w[i]}" + ("</w>" if i == len(w) - 1 else "")
+            if m not in out:
+                out.append(m)
+    return out
+
+
 def tiny_stable_diffusion_pipeline(*, image_size: int = 16, seed: int = 0, prediction_type: str = "epsilon",
-                                   max_length: int = 16, hidden_size: int = 32, tokenizer_dir: str | None = None):
+                                   max_length: int = 16, hidden_size: int = 32, tokenizer_dir: str | None = None,
+                                   merges: Sequence[str] | None = None):
     """A StableDiffusionPipeline small enough for CPU tests, built from configs.
 
     VAE: AutoencoderKL with one downsampling (latents [B, 4, image_size/2,
@@ -450,7 +468,9 @@ def tiny_stable_diffusion_pipeline(*, image_size: int = 16, seed: int = 0, predi
     written by :func:`write_tiny_clip_tokenizer` (to ``tokenizer_dir`` or a
     temporary directory), ``model_max_length = max_length``; UNet:
     :func:`tiny_unet2d_condition`; scheduler: DDIM with Stable Diffusion's
-    scaled-linear betas. Random weights, nothing downloaded.
+    scaled-linear betas. Random weights, nothing downloaded. ``merges``: the
+    tokenizer's BPE merges (default: those of :func:`write_tiny_clip_tokenizer`;
+    :func:`word_merges` makes whole words single tokens).
     """
     import tempfile
 
@@ -464,7 +484,10 @@ def tiny_stable_diffusion_pipeline(*, image_size: int = 16, seed: int = 0, predi
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
                         latent_channels=4, norm_num_groups=8, sample_size=image_size).eval()
     tdir = tokenizer_dir or tempfile.mkdtemp(prefix="mmh_tiny_clip_")
-    write_tiny_clip_tokenizer(tdir)
+    if merges is None:
+        write_tiny_clip_tokenizer(tdir)
+    else:
+        write_tiny_clip_tokenizer(tdir, merges=tuple(merges))
     tok = CLIPTokenizer.from_pretrained(tdir, model_max_length=max_length)
     cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_length,
@@ -479,3 +502,146 @@ def tiny_stable_diffusion_pipeline(*, image_size: int = 16, seed: int = 0, predi
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class _AttrDict(dict):
+    """A config mapping with attribute access, like diffusers' FrozenDict."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class PlantedMemorizer(torch.nn.Module):
+    """A text-conditioned latent diffusion model with a planted memorized
+    prompt token: drop-in for a Stable Diffusion pipeline's UNet, with a
+    closed-form eps (float64 inside, gradients to both the sample and
+    ``encoder_hidden_states``).
+
+    Its score is the gate-weighted combination of a perfect memorizer of one
+    latent x_mem (a point mass, LID 0) and a broad Gaussian N(0, v I) (LID d):
+
+        s(x_t; t, c) = g(c) s_mem(x_t) + (1 - g(c)) s_gauss(x_t),
+        s_mem = -(x_t - psi x_mem) / sigma^2,  s_gauss = -x_t / (psi^2 v + sigma^2),
+
+    the exact score of the normalised geometric mixture p_mem,t^g p_gauss,t^(1-g),
+    itself a Gaussian with precision P = g / sigma^2 + (1 - g) / (psi^2 v + sigma^2) I:
+    g = 1 is the memorizer, g = 0 the Gaussian, and eps = -sigma s is linear in x_t
+    with d eps / d x_t = sigma P I, so FLIPD(x_t) = d - sigma^2 d P + |eps|^2
+    exactly (every Hutchinson probe gives the exact trace). The gate is a smooth
+    function of the text-encoder output hidden states h_j (all L positions)
+    that fires on one token:
+
+        s_j = -|h_j - (h_key + delta u)|^2 / (2 rho^2)
+        z   = kappa (tau logsumexp_j (s_j / tau) - b),   g = sigmoid(z)
+
+    h_key is the trigger token's hidden state in the memorized prompt; the
+    small offset delta u (a fixed random unit vector u) keeps the gradient of s
+    at h_key non-zero, so gradients reach the trigger position and, through the
+    softmax over positions, almost only it. Without ``encoder_hidden_states`` g = 0.
+
+    Use :meth:`calibrate` to plant a token of a prompt of a pipeline.
+    """
+
+    def __init__(self, memorized, key, *, rho: float, delta: float, kappa: float, bias: float, tau: float = 1.0,
+                 variance: float = 1.0, scheduler=None, seed: int = 0):
+        super().__init__()
+        self.schedule: Schedule = make_schedule(scheduler, warn_default=False)
+        mem = torch.as_tensor(memorized, dtype=torch.float64)
+        key = torch.as_tensor(key, dtype=torch.float64).reshape(-1)
+        if not (rho > 0 and delta >= 0 and kappa > 0 and tau > 0 and variance > 0):
+            raise ValueError("need rho > 0, delta >= 0, kappa > 0, tau > 0, variance > 0")
+        g = torch.Generator().manual_seed(seed)
+        u = torch.randn(key.numel(), generator=g, dtype=torch.float64)
+        self.register_buffer("memorized", mem.reshape(-1))
+        self.register_buffer("center", key + delta * u / u.norm())
+        self.sample_shape = tuple(mem.shape)
+        self.dim = int(mem.numel())
+        self.rho, self.delta, self.kappa, self.bias, self.tau = float(rho), float(delta), float(kappa), float(bias), \
+            float(tau)
+        self.variance = float(variance)
+        self.config = _AttrDict(in_channels=int(mem.shape[0]) if mem.dim() == 3 else None,
+                                sample_size=int(mem.shape[-1]) if mem.dim() == 3 else None,
+                                cross_attention_dim=int(key.numel()))
+
+    def gate_logit(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """z [B] (float64, differentiable) for hidden states [B, L, D]."""
+        h = encoder_hidden_states.to(torch.float64)
+        s = -((h - self.center) ** 2).sum(-1) / (2 * self.rho ** 2)  # [B, L]
+        return self.kappa * (self.tau * torch.logsumexp(s / self.tau, dim=1) - self.bias)
+
+    def gate(self, encoder_hidden_states: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """g [B, 1] (float64, differentiable); 0 without hidden states."""
+        if encoder_hidden_states is None:
+            return torch.zeros(batch, 1, dtype=torch.float64, device=self.memorized.device)
+        g = torch.sigmoid(self.gate_logit(encoder_hidden_states))
+        return (g.expand(batch) if g.shape[0] == 1 else g)[:, None]
+
+    def precision(self, psi, sigma, g):
+        """P of the geometric mixture (see the class docstring)."""
+        return g / sigma ** 2 + (1 - g) / (psi ** 2 * self.variance + sigma ** 2)
+
+    def eps_flat(self, x, psi, sigma, g):
+        """eps [B, d] at noisy points x [B, d]; psi, sigma, g [B, 1] (float64)."""
+        var = psi ** 2 * self.variance + sigma ** 2
+        return sigma * (g * (x - psi * self.memorized) / sigma ** 2 + (1 - g) * x / var)
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None, *args,
+                return_dict: bool = True, **kwargs):
+        B = sample.shape[0]
+        x = sample.reshape(B, -1).to(torch.float64)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"sample has {x.shape[1]} features per item, the model has {self.dim}")
+        ts = torch.as_tensor(timestep, dtype=torch.float64)
+        ts = ts.expand(B) if ts.dim() == 0 else ts
+        psi, sigma = self.schedule.psi_sigma_from_timestep(ts.detach().cpu())
+        psi, sigma = psi.to(x.device).reshape(B, 1), sigma.to(x.device).reshape(B, 1)
+        eps = self.eps_flat(x, psi, sigma, self.gate(encoder_hidden_states, B))
+        out = eps.reshape(sample.shape).to(sample.dtype)
+        return DenoiserOutput(out) if return_dict else (out,)
+
+    @classmethod
+    def calibrate(cls, pipe, prompt: str, trigger: str, memorized, *, reference_prompts: Sequence[str] = (),
+                  on_logit: float = 8.0, off_logit: float = -700.0, variance: float = 1.0, seed: int = 0):
+        """Plant the token ``trigger`` of ``prompt`` in ``pipe``'s text encoder.
+
+        The gate logit is ``on_logit`` on ``prompt`` and at most ``off_logit`` on
+        "" and every reference prompt (checked). rho is a quarter of the distance
+        from the trigger's hidden state to the nearest other hidden state (other
+        positions of the prompt, "" and the references), delta = rho / 5.
+
+        Args:
+            pipe: a text-conditioned pipeline (its tokenizer and text encoder are used).
+            prompt: the memorized prompt; ``trigger`` must be one of its tokens.
+            memorized: the memorized latent [C, H, W] (e.g. ``encode_images(pipe, img)[0]``).
+        Returns:
+            the model (install it with ``pipe.unet = model``).
+        """
+        from .models.pipelines import encode_prompts, tokenize_prompts
+
+        ids = tokenize_prompts(pipe, [prompt])[0][0].tolist()
+        toks = pipe.tokenizer.convert_ids_to_tokens(ids)
+        want = trigger + "</w>"
+        if want not in toks:
+            raise ValueError(f"{trigger!r} is not a single token of {prompt!r} (tokens: {toks})")
+        j = toks.index(want)
+        refs = [p for p in dict.fromkeys(list(reference_prompts) + [""]) if p != prompt]
+        e = encode_prompts(pipe, [prompt] + refs, dtype=torch.float32).to(torch.float64)
+        key = e[0, j]
+        others = torch.cat([torch.cat([e[0, :j], e[0, j + 1:]]), e[1:].reshape(-1, e.shape[-1])])
+        dmin = float((others - key).norm(dim=1).min())
+        if dmin <= 0:
+            raise ValueError("the trigger's hidden state also occurs elsewhere; choose another trigger")
+        rho = dmin / 4
+        model = cls(memorized, key, rho=rho, delta=rho / 5, kappa=1.0, bias=0.0, variance=variance,
+                    scheduler=pipe.scheduler, seed=seed)
+        with torch.no_grad():
+            m = model.gate_logit(e)  # kappa = 1, bias = 0: the smooth max itself
+        m_on, m_off = float(m[0]), float(m[1:].max())
+        if not m_on > m_off:
+            raise ValueError("the trigger cannot be separated from the reference prompts")
+        model.kappa = (on_logit - off_logit) / (m_on - m_off)
+        model.bias = m_on - on_logit / model.kappa
+        return model

@@ -125,11 +125,19 @@ class Denoiser:
             return self._call(x_t, psi, sigma, timestep, cond)
         if uncond is None:
             raise ValueError("guidance_scale needs both cond and uncond model arguments")
-        both = {k: _cat_pair(uncond.get(k), v) for k, v in cond.items()}
+        e_u, e_c = self.eps_pair(x_t, psi, sigma, timestep, cond=cond, uncond=uncond)
+        return e_u + guidance_scale * (e_c - e_u)
+
+    def eps_pair(self, x_t, psi, sigma, timestep, *, cond: dict, uncond: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_u, eps_c): the unconditional and conditional eps at x_t [B, ...],
+        from ONE batched network call on [x_t; x_t] (unconditional rows first).
+        The CFG vector is eps_c - eps_u; gradients flow to x_t and to tensors in
+        ``cond`` / ``uncond``."""
+        both = {k: _cat_pair(uncond.get(k), v, x_t.shape[0]) for k, v in (cond or {}).items()}
         out = self._call(torch.cat([x_t, x_t]), psi, sigma,
                          timestep if timestep.dim() == 0 else torch.cat([timestep, timestep]), both)
         e_u, e_c = out.chunk(2)
-        return e_u + guidance_scale * (e_c - e_u)
+        return e_u, e_c
 
     def score(self, x_t: torch.Tensor, t: float, **kw) -> torch.Tensor:
         """s(x_t, t) = -eps / sigma(t)."""
@@ -137,10 +145,12 @@ class Denoiser:
         return -self.eps(x_t, t, **kw) / sigma
 
 
-def _cat_pair(u, c):
+def _cat_pair(u, c, batch: int | None = None):
     if isinstance(c, torch.Tensor):
         if not isinstance(u, torch.Tensor):
             raise ValueError("cond and uncond must provide the same model arguments")
+        if c.dim() > 0 and batch is not None and c.shape[0] == 1 and batch > 1:
+            c = c.expand(batch, *c.shape[1:])  # a shared condition (1 row) for every sample
         if u.shape[0] != c.shape[0]:
             u = u.expand(c.shape[0], *u.shape[1:])
         return torch.cat([u, c])

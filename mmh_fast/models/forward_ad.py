@@ -14,13 +14,24 @@ import contextlib
 
 import torch
 
-__all__ = ["forward_ad_safe"]
+__all__ = ["forward_ad_safe", "math_attention"]
 
 
 def _contiguous_input(module, args):
     if args and isinstance(args[0], torch.Tensor):
         return (args[0].clone(memory_format=torch.contiguous_format),) + tuple(args[1:])
     return None
+
+
+def math_attention():
+    """Context running scaled-dot-product attention on the math backend, the
+    one with forward-AD and double-backward formulas (the fused CPU / CUDA
+    kernels have neither); a no-op on torch without backend selection."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: no backend selection, nothing to force
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 @contextlib.contextmanager
@@ -32,12 +43,7 @@ def forward_ad_safe(model):
         hooks = [m.register_forward_pre_hook(_contiguous_input) for m in model.modules()
                  if isinstance(m, torch.nn.GroupNorm)]
     try:
-        try:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            ctx = sdpa_kernel(SDPBackend.MATH)
-        except ImportError:  # older torch: no backend selection, nothing to force
-            ctx = contextlib.nullcontext()
-        with ctx:
+        with math_attention():
             yield
     finally:
         for h in hooks:
