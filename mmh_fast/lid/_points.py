@@ -1,0 +1,90 @@
+"""Input handling shared by the data-side LID estimators: arrays of points
+(torch CPU/CUDA, numpy, cupy) or batches of images, flattened to
+[n_points, n_features], validated, and results returned as the caller's
+array kind (a torch input gets its results on its own device)."""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable
+
+import torch
+
+from ..ops._arrays import as_tensor, check_finite
+from ..ops.local_pca import check_not_constant
+
+__all__ = ["prepare_points", "prepare_queries", "check_int"]
+
+
+def prepare_points(data: Any, name: str = "data", *, device=None,
+                   min_features: int = 2) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+    """[N, ...] -> float [N, D] on ``device`` (default: the input's).
+
+    Integer arrays (uint8 images) become float32, float16/bfloat16 become
+    float32; float32/float64 are kept. Raises ValueError naming ``name`` for
+    1-D, empty, non-finite or constant data, TypeError for bool/complex."""
+    t, back = as_tensor(data, name)
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have shape [n_points, n_features] (or [n_points, *image_shape]), "
+                         f"got shape {tuple(t.shape)}")
+    if t.dtype == torch.bool or t.dtype.is_complex:
+        raise TypeError(f"{name} must hold real numbers, got {t.dtype}")
+    if not t.dtype.is_floating_point or t.dtype in (torch.float16, torch.bfloat16):
+        t = t.to(torch.float32)
+    t = t.reshape(t.shape[0], -1)
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)} after flattening)")
+    if t.shape[1] < min_features:
+        raise ValueError(f"{name} must have at least {min_features} features, got {t.shape[1]}")
+    orig_device = t.device
+    if device is not None:
+        t = t.to(torch.device(device))
+    check_finite(t, name)
+    if isinstance(data, torch.Tensor):
+        return t.contiguous(), lambda r: back(r.to(orig_device))
+    return t.contiguous(), back
+
+
+def prepare_queries(queries: Any, data: torch.Tensor, device=None) -> torch.Tensor:
+    """Queries flattened like data; same feature count and dtype. A torch
+    tensor must be on the data's device unless ``device`` was given (then
+    both are moved there); numpy/cupy arrays are moved as needed."""
+    q, _ = as_tensor(queries, "queries")
+    if q.dim() < 2:
+        raise ValueError(f"queries must have shape [n_queries, n_features] (or [n_queries, *image_shape]), "
+                         f"got shape {tuple(q.shape)}")
+    if q.dtype == torch.bool or q.dtype.is_complex:
+        raise TypeError(f"queries must hold real numbers, got {q.dtype}")
+    if not q.dtype.is_floating_point or q.dtype in (torch.float16, torch.bfloat16):
+        q = q.to(torch.float32)
+    q = q.reshape(q.shape[0], -1)
+    if q.shape[1] != data.shape[1]:
+        raise ValueError(f"queries have {q.shape[1]} features but data have {data.shape[1]}")
+    if q.dtype != data.dtype:
+        raise TypeError(f"queries dtype {q.dtype} differs from data dtype {data.dtype}")
+    if q.device != data.device:
+        if isinstance(queries, torch.Tensor) and device is None:
+            raise ValueError(f"queries are on {q.device} but data are on {data.device}")
+        q = q.to(data.device)
+    check_finite(q, "queries")
+    return q.contiguous()
+
+
+def check_int(v: Any, name: str, lo: int, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
+    v = int(v)
+    if v < lo or (hi is not None and v > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be {rng}, got {v}")
+    return v
+
+
+def check_data(x: torch.Tensor, k: int, *, exclude_self: bool, min_k: int = 1) -> int:
+    """k against the number of points; constant data rejected."""
+    n = x.shape[0]
+    avail = n - 1 if exclude_self else n
+    if avail < min_k:
+        raise ValueError(f"data has {n} points: too few for neighbourhoods of {min_k} points")
+    k = check_int(k, "k", min_k, avail)
+    check_not_constant(x)
+    return k

@@ -1,0 +1,165 @@
+"""Pointwise LID_* estimators on k-nearest-neighbour distances, the ones users
+compare local PCA against: Levina-Bickel maximum likelihood and TwoNN. Both
+share the native kNN kernel (:func:`mmh_fast.ops.knn`) and match
+scikit-dimension's pointwise definitions.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .. import ops
+from ._points import check_data, prepare_points, prepare_queries
+from .lpca import _batch, _progress
+
+__all__ = ["mle_lid", "twonn_lid"]
+
+
+def mle_lid(data, queries=None, *, k: int = 20, unbiased: bool = False, batch_size: int | None = None,
+            device=None, exclude_self: bool = True, progress=None):
+    """Levina-Bickel MLE of the local dimension of every point (Levina &
+    Bickel 2005; Haro et al. 2008 without noise):
+
+        m(x) = (k - 1) / sum_{j=1..k} log(R_k(x) / R_j(x))
+
+    with R_j(x) the distance to the j-th nearest neighbour (the j = k term
+    is 0); ``unbiased`` uses k - 2. This is scikit-dimension's
+    ``MLE().fit(X, n_neighbors=k).dimension_pw_`` (its default k = 20,
+    dnoise=None, neighborhood_based=True): a point with a neighbour at
+    distance 0 gets 0, one whose k neighbours are all at distance 0 gets NaN,
+    as there.
+
+    Args:
+        data: [N, D] points or [N, *image_shape] images (torch CPU/CUDA,
+            numpy, cupy). queries: points measured on neighbourhoods in data.
+        k: neighbours (>= 2). batch_size, device, exclude_self, progress: as
+            :func:`mmh_fast.lpca`.
+
+    Returns:
+        [M] float64 LIDs as the array kind of ``data``.
+    """
+    x, back = prepare_points(data, "data", device=device)
+    q = None if queries is None else prepare_queries(queries, x, device)
+    excl = bool(exclude_self) and q is None
+    k = check_data(x, k, exclude_self=excl, min_k=2)
+    kfac = k - 2 if unbiased else k - 1
+    if kfac < 1:
+        raise ValueError(f"k must be >= 3 with unbiased=True, got {k}")
+    M = x.shape[0] if q is None else q.shape[0]
+    bs = _batch(batch_size, k, x.shape[1])
+    update, close = _progress(progress, M, x.shape[0], x.shape[1], "MLE")
+    out = torch.empty(M, dtype=torch.float64, device=x.device)
+    try:
+        for r0 in range(0, M, bs):
+            r1 = min(M, r0 + bs)
+            if q is None:
+                d, _ = ops.knn(x, k=k, exclude_self=excl, rows=slice(r0, r1), progress=False)
+            else:
+                d, _ = ops.knn(x, q[r0:r1], k, progress=False)
+            d = d.to(torch.float64)
+            out[r0:r1] = kfac / torch.log(d[:, -1:] / d).sum(1)
+            update(r1 - r0)
+    finally:
+        close()
+    return back(out)
+
+
+def _two_nn_ratios(x: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
+    """mu = r2 / r1 inside each neighbourhood: for each of the k points of
+    neighbourhood b, its first and second nearest distances to the other
+    k - 1 points. Candidates come from the Gram matrix of the centred
+    neighbourhood (float64); the two winners' distances are recomputed as
+    sums of squared differences, so exact copies give exactly 0.
+    Returns [B, k] float64 (inf / NaN where r1 = 0)."""
+    B, k = nb.shape
+    y = x[nb.reshape(-1)].to(torch.float64).reshape(B, k, -1)
+    yc = y - y.mean(1, keepdim=True)
+    g = yc @ yc.transpose(1, 2)
+    sq = g.diagonal(dim1=1, dim2=2)
+    d2 = sq.unsqueeze(2) + sq.unsqueeze(1) - 2 * g
+    d2.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    two = d2.topk(2, dim=2, largest=False).indices  # [B, k, 2] positions in the neighbourhood
+    gi = torch.gather(nb, 1, two.reshape(B, 2 * k)).reshape(B, k, 2)  # their data rows
+    r = (x[gi].to(torch.float64) - y.unsqueeze(2)).pow(2).sum(3).sqrt()  # [B, k, 2]
+    r, _ = r.sort(2)
+    return r[..., 1] / r[..., 0]
+
+
+def _twonn_fit(mu: torch.Tensor, discard_fraction: float, method: str) -> torch.Tensor:
+    """skdim TwoNN._twonn on each row of ratios mu [B, k] (non-finite dropped,
+    the largest discard_fraction discarded, line through the origin fitted to
+    (log mu, -log(1 - F_emp)), or the censored MLE). NaN where fewer than 2
+    ratios are kept."""
+    B, k = mu.shape
+    finite = torch.isfinite(mu)
+    n = finite.sum(1)  # N per row
+    s, _ = torch.where(finite, mu, torch.full_like(mu, float("inf"))).sort(1)
+    # n_keep = int(N * (1 - discard_fraction)), the same float64 arithmetic as skdim
+    n_keep = torch.floor(n.to(torch.float64) * (1.0 - discard_fraction)).to(torch.int64)
+    pos = torch.arange(k, device=mu.device).unsqueeze(0)
+    keep = pos < n_keep.unsqueeze(1)
+    lx = torch.where(keep, torch.log(torch.where(keep, s, torch.ones_like(s))), torch.zeros_like(s))
+    if method == "mle":
+        last = lx.gather(1, (n_keep - 1).clamp_min(0).unsqueeze(1)).squeeze(1)
+        d = (n_keep - 1).to(torch.float64) / (lx.sum(1) + (n - n_keep).to(torch.float64) * last)
+    else:
+        femp = (pos + 1).to(torch.float64) / n.clamp_min(1).unsqueeze(1).to(torch.float64)
+        ly = torch.where(keep, -torch.log(torch.where(keep, 1.0 - femp, torch.ones_like(femp))),
+                         torch.zeros_like(femp))
+        d = (lx * ly).sum(1) / (lx * lx).sum(1)
+    return torch.where(n_keep >= 2, d, torch.full_like(d, float("nan")))
+
+
+def twonn_lid(data, queries=None, *, k: int = 100, discard_fraction: float = 0.1, method: str = "linear",
+              batch_size: int | None = None, device=None, exclude_self: bool = True, progress=None):
+    """Pointwise TwoNN (Facco et al. 2017) as scikit-dimension computes it:
+    ``TwoNN(discard_fraction, method).fit_pw(X, n_neighbors=k).dimension_pw_``,
+    i.e. the global TwoNN estimate fitted on each point's neighbourhood of k
+    nearest neighbours (the point excluded). Inside the neighbourhood each
+    point's ratio mu = r2 / r1 of its second to first nearest-neighbour
+    distance is taken; ratios with r1 = 0 (duplicates) are dropped (skdim
+    warns and drops them too), the largest ``discard_fraction`` are
+    discarded, and
+
+    - ``method="linear"``: the slope of the line through the origin fitted
+      by least squares to (log mu_(i), -log(1 - i/N)), i = 1..n_keep;
+    - ``method="mle"``: (n_keep - 1) / (sum log mu_(i) + (N - n_keep) log mu_(n_keep)).
+
+    A neighbourhood with fewer than 2 ratios kept gives NaN (skdim raises).
+
+    Args: as :func:`mle_lid`; k defaults to skdim's fit_pw default 100.
+
+    Returns:
+        [M] float64 LIDs as the array kind of ``data``.
+    """
+    if method not in ("linear", "mle"):
+        raise ValueError(f"method must be 'linear' or 'mle', got {method!r}")
+    if isinstance(discard_fraction, bool) or not isinstance(discard_fraction, numbers.Real) \
+            or not 0.0 <= float(discard_fraction) < 1.0:
+        raise ValueError(f"discard_fraction must be in [0, 1), got {discard_fraction!r}")
+    x, back = prepare_points(data, "data", device=device)
+    q = None if queries is None else prepare_queries(queries, x, device)
+    excl = bool(exclude_self) and q is None
+    k = check_data(x, k, exclude_self=excl, min_k=3)
+    M = x.shape[0] if q is None else q.shape[0]
+    bs = _batch(batch_size, k, x.shape[1])
+    update, close = _progress(progress, M, x.shape[0], x.shape[1], "TwoNN")
+    out = torch.empty(M, dtype=torch.float64, device=x.device)
+    try:
+        for r0 in range(0, M, bs):
+            r1 = min(M, r0 + bs)
+            if q is None:
+                _, nb = ops.knn(x, k=k, exclude_self=excl, rows=slice(r0, r1), progress=False)
+            else:
+                _, nb = ops.knn(x, q[r0:r1], k, progress=False)
+            # _two_nn_ratios holds ~(3 k D + 2 k^2) float64 per row: cap at ~64 MiB
+            step = max(1, (64 << 20) // (8 * (3 * k * x.shape[1] + 2 * k * k)))
+            for s0 in range(0, r1 - r0, step):
+                s1 = min(r1 - r0, s0 + step)
+                mu = _two_nn_ratios(x, nb[s0:s1])
+                out[r0 + s0:r0 + s1] = _twonn_fit(mu, float(discard_fraction), method)
+            update(r1 - r0)
+    finally:
+        close()
+    return back(out)
