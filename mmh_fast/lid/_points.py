@@ -61,6 +61,8 @@ def prepare_queries(queries: Any, data: torch.Tensor, device=None) -> torch.Tens
         raise ValueError(f"queries have {q.shape[1]} features but data have {data.shape[1]}")
     if q.dtype != data.dtype:
         raise TypeError(f"queries dtype {q.dtype} differs from data dtype {data.dtype}")
+    if q.shape[0] == 0:
+        raise ValueError(f"queries is empty (shape {tuple(q.shape)})")
     if q.device != data.device:
         if isinstance(queries, torch.Tensor) and device is None:
             raise ValueError(f"queries are on {q.device} but data are on {data.device}")

@@ -21,8 +21,9 @@ from ._dispatch import kernel
 __all__ = ["knn", "validate_points", "query_batches"]
 
 
-def validate_points(x: torch.Tensor, name: str, *, allow_empty: bool = False) -> None:
-    """Shape, dtype and finiteness checks shared by the family-3 entries."""
+def validate_points(x: torch.Tensor, name: str, *, allow_empty: bool = False, finite: bool = True) -> None:
+    """Shape, dtype and (unless ``finite=False``) finiteness checks shared by
+    the family-3 entries."""
     if x.dim() != 2:
         raise ValueError(f"{name} must be a 2-D array [n_points, n_features], got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float64):
@@ -31,7 +32,8 @@ def validate_points(x: torch.Tensor, name: str, *, allow_empty: bool = False) ->
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)})")
     if x.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
-    check_finite(x, name)
+    if finite:
+        check_finite(x, name)
 
 
 def check_pair(data: torch.Tensor, queries: torch.Tensor) -> None:
@@ -137,8 +139,9 @@ def knn(data, queries=None, k: int | None = None, exclude_self: bool = True, *, 
         q, _ = as_tensor(queries, "queries")
         if q.dim() != 2:
             raise ValueError(f"queries must be a 2-D array [n_queries, n_features], got shape {tuple(q.shape)}")
-        validate_points(q, "queries", allow_empty=True)
+        validate_points(q, "queries", allow_empty=True, finite=False)
         check_pair(x, q)
+        check_finite(q, "queries")
     excl = bool(exclude_self) and self_mode
     k = check_k(k, x.shape[0], excl)
     if isinstance(extra_candidates, bool) or not isinstance(extra_candidates, numbers.Integral) \

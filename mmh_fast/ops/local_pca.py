@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from ._arrays import as_tensor
+from ._arrays import as_tensor, check_finite
 from ._dispatch import kernel
 from .knn import check_k, check_pair, check_rows, knn, query_batches, validate_points
 
@@ -79,8 +79,9 @@ def _neighbourhoods(x: torch.Tensor, k, queries, neighbors, exclude_self: bool, 
         q, _ = as_tensor(queries, "queries")
         if q.dim() != 2:
             raise ValueError(f"queries must be a 2-D array [n_queries, n_features], got shape {tuple(q.shape)}")
-        validate_points(q, "queries", allow_empty=True)
+        validate_points(q, "queries", allow_empty=True, finite=False)
         check_pair(x, q)
+        check_finite(q, "queries")
     excl = bool(exclude_self) and self_mode
     K = check_k(k, x.shape[0], excl)
     M = q.shape[0]

@@ -92,7 +92,7 @@ def knn(data: torch.Tensor, queries: torch.Tensor | None, k: int, exclude_self: 
     squared differences (no GEMM form), rows sorted by (distance, index); a
     point is not its own neighbour when ``queries`` is None and
     ``exclude_self``. Returns (distances [M, k] in the data dtype, indices
-    [M, k] int64). Memory O(M N D) per chunk of 64 queries."""
+    [M, k] int64)."""
     x = data.to(torch.float64)
     self_mode = queries is None
     q = x if self_mode else queries.to(torch.float64)
@@ -100,7 +100,8 @@ def knn(data: torch.Tensor, queries: torch.Tensor | None, k: int, exclude_self: 
     ds, ids = [], []
     for r0 in range(0, M, 64):
         qq = q[r0:r0 + 64]
-        d2 = ((qq[:, None, :] - x[None, :, :]) ** 2).sum(-1)  # [m, N]
+        # direct differences (not the |q|^2 + |x|^2 - 2 q.x form)
+        d2 = torch.cdist(qq, x, compute_mode="donot_use_mm_for_euclid_dist") ** 2  # [m, N]
         if self_mode and exclude_self:
             rows = torch.arange(qq.shape[0])
             d2[rows, rows + r0] = float("inf")
@@ -116,25 +117,23 @@ def knn(data: torch.Tensor, queries: torch.Tensor | None, k: int, exclude_self: 
 
 def local_pca(data: torch.Tensor, neighbors: torch.Tensor, sizes: torch.Tensor | None = None):
     """Explained variances [M, min(K, D)] of the neighbourhoods
-    data[neighbors[i, :n_i]] (n_i = K or sizes[i]): eigenvalues of the
+    data[neighbors[i, :n_i]] (n_i = K or sizes[i]): eigenvalues of the D x D
     covariance of the points centred on their mean, denominator n_i - 1,
-    descending, clamped at 0, zero-padded; all zeros when n_i < 2. float64
-    torch.linalg.eigvalsh, one neighbourhood at a time."""
+    descending, clamped at 0, zero past min(n_i, D); all zeros when n_i < 2.
+    float64, batched torch.linalg.eigvalsh."""
     x = data.to(torch.float64)
     M, K = neighbors.shape
     D = x.shape[1]
-    m = min(K, D)
-    out = torch.zeros(M, m, dtype=torch.float64)
-    for i in range(M):
-        n = K if sizes is None else int(sizes[i])
-        if n < 2:
-            continue
-        y = x[neighbors[i, :n]]
-        y = y - y.mean(0)
-        ev = torch.linalg.eigvalsh(y.T @ y / (n - 1)).flip(0).clamp_min(0)
-        r = min(n, D, m)
-        out[i, :r] = ev[:r]
-    return out.to(data.dtype)
+    n = torch.full((M,), K, dtype=torch.int64) if sizes is None else sizes.to(torch.int64).cpu()
+    w = (torch.arange(K).unsqueeze(0) < n.unsqueeze(1)).to(torch.float64).unsqueeze(2)  # [M, K, 1]
+    y = x[neighbors.cpu()] * w
+    mean = y.sum(1, keepdim=True) / n.clamp_min(1).to(torch.float64).view(M, 1, 1)
+    y = (y - mean) * w
+    cov = y.transpose(1, 2) @ y / (n - 1).clamp_min(1).to(torch.float64).view(M, 1, 1)
+    ev = torch.linalg.eigvalsh(cov).flip(1).clamp_min(0)[:, :min(K, D)]
+    keep = torch.arange(ev.shape[1]).unsqueeze(0) < torch.minimum(n, torch.tensor(D)).unsqueeze(1)
+    ev = ev * (keep & (n >= 2).unsqueeze(1))
+    return ev.to(data.dtype)
 
 
 def local_pca_count(data: torch.Tensor, neighbors: torch.Tensor, alpha: float = 0.05):
