@@ -76,7 +76,7 @@ def check_int(v: Any, name: str, lo: int, hi: int | None = None) -> int:
         raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
     v = int(v)
     if v < lo or (hi is not None and v > hi):
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise ValueError(f"{name} must be {rng}, got {v}")
     return v
 

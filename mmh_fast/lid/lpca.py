@@ -45,6 +45,10 @@ def apply_rule(ev: torch.Tensor, rule: str, alpha: float = 0.05) -> torch.Tensor
     - ``fo``: #(ev > alpha * ev[0]) (Fukunaga-Olsen).
     - ``maxgap``: 1 + position of the largest ratio ev[i] / ev[i+1] (ratios
       0/0 ignored; a row with no defined ratio gives 0, where skdim raises).
+      When k <= D the last variance is 0 up to rounding (centring removes
+      a dimension), and so are all beyond the data's rank on noiseless
+      data: the largest ratio can then be one between rounding-level
+      values, in skdim as here, and the two need not agree there.
     - ``ratio``: 1 + #(cumsum(ev) / sum(ev) < alpha).
     - ``participation_ratio``: sum(ev)^2 / sum(ev^2) (float64; NaN for an
       all-zero spectrum, as skdim).
