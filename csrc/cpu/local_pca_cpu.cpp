@@ -23,11 +23,41 @@ namespace {
 constexpr int kLanczosSteps = 48;
 constexpr double kLanczosRtol = 1e-6;
 
+constexpr int kPad = 16;  // S, W and the rows of Z are padded to multiples of this
+inline int64_t padded(int64_t v) { return (v + kPad - 1) / kPad * kPad; }
+
+// S[i0:i0+4, j0:j0+16] = Z^T Z summed over all rows of Z, for the blocks on
+// or below the diagonal: 4 x 16 accumulators stay in registers while the
+// rows of Z stream by (Z's row stride mp is a multiple of 16, padding zero).
+template <typename T>
+inline void syrk_lower_blocks(const T* __restrict Z, int rows, int mp, T* __restrict S) {
+  for (int i0 = 0; i0 < mp; i0 += 4) {
+    for (int j0 = 0; j0 < i0 + 4; j0 += kPad) {
+      T acc[4][kPad] = {};
+      for (int a = 0; a < rows; ++a) {
+        const T* z = Z + static_cast<int64_t>(a) * mp;
+        const T* zj = z + j0;
+        const T z0 = z[i0], z1 = z[i0 + 1], z2 = z[i0 + 2], z3 = z[i0 + 3];
+#pragma omp simd
+        for (int jj = 0; jj < kPad; ++jj) {
+          acc[0][jj] += z0 * zj[jj];
+          acc[1][jj] += z1 * zj[jj];
+          acc[2][jj] += z2 * zj[jj];
+          acc[3][jj] += z3 * zj[jj];
+        }
+      }
+      for (int r = 0; r < 4; ++r)
+        for (int jj = 0; jj < kPad; ++jj) S[static_cast<int64_t>(i0 + r) * mp + j0 + jj] = acc[r][jj];
+    }
+  }
+}
+
 // Gather the n points of a neighbourhood, centre them on their mean and form
 // S = Z^T Z / (n - 1): Z = centred points [n, D] when n > D (covariance,
 // order D), Z = their transpose [D, n] otherwise (Gram, order n). Points are
 // first shifted by the first neighbour, so exact copies give exact zeros and
-// the mean is taken over small differences. Returns the order of S.
+// the mean is taken over small differences. Returns the order m of S, whose
+// row stride is padded(m) (entries past m are zero).
 template <typename T>
 inline int neighbourhood_matrix(const T* __restrict x, int64_t D, const int64_t* __restrict idx,
                                 int n, T* __restrict Y, T* __restrict Z, double* __restrict mean,
@@ -47,57 +77,40 @@ inline int neighbourhood_matrix(const T* __restrict x, int64_t D, const int64_t*
   const bool cov = n > D;
   const int m = cov ? static_cast<int>(D) : n;     // order of S
   const int rows = cov ? n : static_cast<int>(D);  // rows of Z
+  const int mp = static_cast<int>(padded(m));
+  for (int a = 0; a < rows; ++a)
+    for (int i = m; i < mp; ++i) Z[static_cast<int64_t>(a) * mp + i] = T(0);
   if (cov) {
     for (int j = 0; j < n; ++j) {
-      T* yj = Y + static_cast<int64_t>(j) * D;
-      for (int64_t a = 0; a < D; ++a) yj[a] = static_cast<T>(yj[a] - mean[a]);
+      const T* yj = Y + static_cast<int64_t>(j) * D;
+      T* zj = Z + static_cast<int64_t>(j) * mp;
+      for (int64_t a = 0; a < D; ++a) zj[a] = static_cast<T>(yj[a] - mean[a]);
     }
-    Z = Y;
   } else {
     for (int j = 0; j < n; ++j) {
       const T* yj = Y + static_cast<int64_t>(j) * D;
-      for (int64_t a = 0; a < D; ++a) Z[a * n + j] = static_cast<T>(yj[a] - mean[a]);
+      for (int64_t a = 0; a < D; ++a) Z[a * mp + j] = static_cast<T>(yj[a] - mean[a]);
     }
   }
-  // Lower triangle of Z^T Z, four rows of Z per pass over S.
-  for (int i = 0; i < m; ++i)
-    for (int j = 0; j <= i; ++j) S[static_cast<int64_t>(i) * m + j] = 0;
-  int a = 0;
-  for (; a + 4 <= rows; a += 4) {
-    const T* z0 = Z + static_cast<int64_t>(a) * m;
-    const T* z1 = z0 + m;
-    const T* z2 = z1 + m;
-    const T* z3 = z2 + m;
-    for (int i = 0; i < m; ++i) {
-      const T a0 = z0[i], a1 = z1[i], a2 = z2[i], a3 = z3[i];
-      T* si = S + static_cast<int64_t>(i) * m;
-      for (int j = 0; j <= i; ++j) si[j] += a0 * z0[j] + a1 * z1[j] + a2 * z2[j] + a3 * z3[j];
-    }
-  }
-  for (; a < rows; ++a) {
-    const T* z0 = Z + static_cast<int64_t>(a) * m;
-    for (int i = 0; i < m; ++i) {
-      const T a0 = z0[i];
-      T* si = S + static_cast<int64_t>(i) * m;
-      for (int j = 0; j <= i; ++j) si[j] += a0 * z0[j];
-    }
-  }
+  syrk_lower_blocks(Z, rows, mp, S);
   const T scale = static_cast<T>(1.0 / (n - 1));
-  for (int i = 0; i < m; ++i) {
-    T* si = S + static_cast<int64_t>(i) * m;
+  for (int i = 0; i < mp; ++i) {
+    T* si = S + static_cast<int64_t>(i) * mp;
     for (int j = 0; j <= i; ++j) {
       si[j] *= scale;
-      S[static_cast<int64_t>(j) * m + i] = si[j];
+      S[static_cast<int64_t>(j) * mp + i] = si[j];
     }
   }
   return m;
 }
 
 struct Workspace {
-  int64_t D, K, m;
-  Workspace(int64_t D_, int64_t K_) : D(D_), K(K_), m(std::min(D_, K_)) {}
+  int64_t D, K, m, mp;
+  Workspace(int64_t D_, int64_t K_)
+      : D(D_), K(K_), m(std::min(D_, K_)), mp(padded(std::min(D_, K_))) {}
   int64_t y() const { return K * D; }
-  int64_t s() const { return m * m; }
+  int64_t z() const { return std::max(K * padded(D), D * padded(K)); }
+  int64_t s() const { return mp * mp; }
 };
 
 // Spectrum of one neighbourhood into out[0..m_out) (descending, >= 0, padded
@@ -109,7 +122,7 @@ inline void spectrum_impl(const T* x, int64_t D, const int64_t* idx, int n, int6
   int64_t filled = 0;
   if (n >= 2) {
     const int m = neighbourhood_matrix(x, D, idx, n, Y, Z, mean, S);
-    symeig::eigenvalues(S, m, m, ev, e, work);
+    symeig::eigenvalues(S, m, static_cast<int>(padded(m)), ev, e, work);
     const int64_t keep = std::min<int64_t>(m, m_out);
     for (int64_t i = 0; i < keep; ++i) out[i] = static_cast<T>(ev[i] > 0.0 ? ev[i] : 0.0);
     filled = keep;
@@ -135,22 +148,23 @@ inline int64_t count_impl(const T* x, int64_t D, const int64_t* idx, int n, doub
                           T* Z, double* mean, T* S, T* W, double* ev, double* e, T* work,
                           T* lam_max) {
   const int m = neighbourhood_matrix(x, D, idx, n, Y, Z, mean, S);
+  const int ld = static_cast<int>(padded(m));
   double trace = 0.0;
-  for (int i = 0; i < m; ++i) trace += static_cast<double>(S[static_cast<int64_t>(i) * m + i]);
+  for (int i = 0; i < m; ++i) trace += static_cast<double>(S[static_cast<int64_t>(i) * ld + i]);
   if (!(trace > 0.0)) {
     *lam_max = T(0);
     return 0;  // every variance is 0: none exceeds alpha * 0
   }
   double theta = 0.0;
   // ev / e double as the Lanczos tridiagonal (at most kLanczosSteps <= m).
-  const bool ok = symeig::lanczos_top(S, m, m, kLanczosSteps, kLanczosRtol, &theta, work,
+  const bool ok = symeig::lanczos_top(S, m, ld, kLanczosSteps, kLanczosRtol, &theta, work,
                                       work + m, work + 2 * m, ev, e);
   if (ok && theta > 0.0) {
     *lam_max = static_cast<T>(theta);
-    return symeig::count_above(S, m, m, static_cast<T>(alpha * theta), W, m, work, work + m);
+    return symeig::count_above(S, m, ld, static_cast<T>(alpha * theta), W, ld, work, work + m);
   }
   // Lanczos did not settle: take the full spectrum (S is intact).
-  symeig::eigenvalues(S, m, m, ev, e, work);
+  symeig::eigenvalues(S, m, ld, ev, e, work);
   const double top = ev[0] > 0.0 ? ev[0] : 0.0;
   const T thr = static_cast<T>(alpha) * static_cast<T>(top);
   int64_t c = 0;
@@ -220,7 +234,7 @@ at::Tensor local_pca_cpu(const at::Tensor& data, const at::Tensor& neighbors,
     const int64_t* ip = nb.data_ptr<int64_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, M, 8, [&](int64_t b, int64_t e_) {
-      std::vector<scalar_t> Y(ws.y()), Z(ws.y()), S(ws.s()), work(2 * ws.m);
+      std::vector<scalar_t> Y(ws.y()), Z(ws.z()), S(ws.s()), work(2 * ws.m);
       std::vector<double> mean(D), ev(ws.m), e(ws.m);
       for (int64_t i = b; i < e_; ++i) {
         const int n = static_cast<int>(size_p ? size_p[i] : K);
@@ -251,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor> local_pca_count_cpu(const at::Tensor& data,
     int64_t* cp = counts.data_ptr<int64_t>();
     scalar_t* lp = lmax.data_ptr<scalar_t>();
     at::parallel_for(0, M, 8, [&](int64_t b, int64_t e_) {
-      std::vector<scalar_t> Y(ws.y()), Z(ws.y()), S(ws.s()), W(ws.s()), work(3 * ws.m);
+      std::vector<scalar_t> Y(ws.y()), Z(ws.z()), S(ws.s()), W(ws.s()), work(3 * ws.m);
       std::vector<double> mean(D), ev(ws.m + kLanczosSteps), e(ws.m + kLanczosSteps);
       for (int64_t i = b; i < e_; ++i) {
         cp[i] = count_fo(xp, D, ip + i * K, static_cast<int>(K), alpha, Y.data(), Z.data(),
