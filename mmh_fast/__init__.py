@@ -4,6 +4,8 @@ __version__ = "0.1.0"
 
 from ._native import backend_info  # noqa: E402
 from . import ops  # noqa: E402
+from .lid.flipd import flipd, flipd_curve  # noqa: E402
 from .lid import LocalPCA, lpca, mle_lid, twonn_lid  # noqa: E402
 
-__all__ = ["__version__", "backend_info", "ops", "lpca", "LocalPCA", "mle_lid", "twonn_lid"]
+__all__ = ["__version__", "backend_info", "ops", "flipd", "flipd_curve", "lpca", "LocalPCA", "mle_lid",
+           "twonn_lid"]
