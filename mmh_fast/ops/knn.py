@@ -151,16 +151,20 @@ def knn(data, queries=None, k: int | None = None, exclude_self: bool = True, *, 
     M = q.shape[0]
     bs, update, close = query_batches(M, x.shape[0], x.shape[1], batch_size, progress)
     x = x.contiguous()
-    dists, idxs = [], []
+    d = i = None
     try:
         for r0 in range(0, max(M, 1), bs):
             r1 = min(M, r0 + bs)
-            d, i = fn(x, q[r0:r1], k, offset + r0 if excl else -1, bool(squared), int(extra_candidates))
-            dists.append(d)
-            idxs.append(i)
+            db, ib = fn(x, q[r0:r1], k, offset + r0 if excl else -1, bool(squared), int(extra_candidates))
+            if r0 == 0 and r1 == M:
+                d, i = db, ib
+            else:
+                if d is None:  # one output buffer, filled batch by batch
+                    d = torch.empty((M, k), dtype=db.dtype, device=db.device)
+                    i = torch.empty((M, k), dtype=ib.dtype, device=ib.device)
+                d[r0:r1] = db
+                i[r0:r1] = ib
             update(r1 - r0)
     finally:
         close()
-    d = dists[0] if len(dists) == 1 else torch.cat(dists)
-    i = idxs[0] if len(idxs) == 1 else torch.cat(idxs)
     return back(d), back(i)
