@@ -11,7 +11,7 @@
 #include <limits>
 #include <vector>
 
-#include "../common/checks.h"
+#include "../common/knn_checks.h"
 #include "../common/simd.h"
 #include "../kernels/symeig.h"
 
@@ -184,46 +184,15 @@ MMH_SIMD_CLONES int64_t count_fo(const double* x, int64_t D, const int64_t* idx,
   return count_impl(x, D, idx, n, alpha, Y, Z, mean, S, W, ev, e, work, lam_max);
 }
 
-void check_inputs(const at::Tensor& data, const at::Tensor& neighbors) {
-  MMH_CHECK_DIM(data, 2, "data");
-  MMH_CHECK_DIM(neighbors, 2, "neighbors");
-  MMH_CHECK_CPU(data, "data");
-  MMH_CHECK_CPU(neighbors, "neighbors");
-  MMH_CHECK_TYPE(data.scalar_type() == at::kFloat || data.scalar_type() == at::kDouble,
-                 "data must be float32 or float64, got ", data.scalar_type());
-  MMH_CHECK_TYPE(neighbors.scalar_type() == at::kLong, "neighbors must be int64, got ",
-                 neighbors.scalar_type());
-  MMH_CHECK_VALUE(data.size(1) > 0, "data must have at least one feature");
-  if (neighbors.numel() > 0) {
-    const auto mn = neighbors.min().item<int64_t>();
-    const auto mx = neighbors.max().item<int64_t>();
-    MMH_CHECK_VALUE(mn >= 0 && mx < data.size(0), "neighbors must index rows of data in [0, ",
-                    data.size(0), "), got values in [", mn, ", ", mx, "]");
-  }
-}
-
 }  // namespace
 
 at::Tensor local_pca_cpu(const at::Tensor& data, const at::Tensor& neighbors,
                          const c10::optional<at::Tensor>& sizes) {
-  check_inputs(data, neighbors);
+  check_neighbourhoods(data, neighbors, /*cuda=*/false);
   const auto x = data.contiguous();
   const auto nb = neighbors.contiguous();
   const int64_t M = nb.size(0), K = nb.size(1), D = x.size(1);
-  at::Tensor sz;
-  if (sizes.has_value()) {
-    sz = sizes->contiguous();
-    MMH_CHECK_DIM(sz, 1, "sizes");
-    MMH_CHECK_CPU(sz, "sizes");
-    MMH_CHECK_TYPE(sz.scalar_type() == at::kLong, "sizes must be int64, got ", sz.scalar_type());
-    MMH_CHECK_VALUE(sz.size(0) == M, "sizes has ", sz.size(0), " entries for ", M, " rows");
-    if (M > 0) {
-      MMH_CHECK_VALUE(sz.min().item<int64_t>() >= 0 && sz.max().item<int64_t>() <= K,
-                      "sizes must be in [0, ", K, "]");
-    }
-  } else {
-    MMH_CHECK_VALUE(K >= 2, "a neighbourhood needs at least 2 points, got K = ", K);
-  }
+  const at::Tensor sz = check_sizes(sizes, M, K, /*cuda=*/false);
   const int64_t m_out = std::min(K, D);
   auto out = at::zeros({M, m_out}, x.options());
   if (M == 0 || m_out == 0) return out;
@@ -249,12 +218,12 @@ at::Tensor local_pca_cpu(const at::Tensor& data, const at::Tensor& neighbors,
 std::tuple<at::Tensor, at::Tensor> local_pca_count_cpu(const at::Tensor& data,
                                                        const at::Tensor& neighbors,
                                                        double alpha) {
-  check_inputs(data, neighbors);
+  check_neighbourhoods(data, neighbors, /*cuda=*/false);
   MMH_CHECK_VALUE(alpha > 0.0 && alpha < 1.0, "alpha must be in (0, 1), got ", alpha);
   const auto x = data.contiguous();
   const auto nb = neighbors.contiguous();
   const int64_t M = nb.size(0), K = nb.size(1), D = x.size(1);
-  MMH_CHECK_VALUE(K >= 2, "a neighbourhood needs at least 2 points, got K = ", K);
+  check_sizes(c10::nullopt, M, K, /*cuda=*/false);  // K >= 2
   auto counts = at::zeros({M}, x.options().dtype(at::kLong));
   auto lmax = at::zeros({M}, x.options());
   if (M == 0) return {counts, lmax};

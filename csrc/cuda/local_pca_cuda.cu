@@ -10,30 +10,10 @@
 
 #include <algorithm>
 
-#include "../common/checks.h"
+#include "../common/knn_checks.h"
 
 namespace mmh {
 namespace {
-
-void check_inputs(const at::Tensor& data, const at::Tensor& neighbors) {
-  MMH_CHECK_DIM(data, 2, "data");
-  MMH_CHECK_DIM(neighbors, 2, "neighbors");
-  MMH_CHECK_CUDA(data, "data");
-  MMH_CHECK_CUDA(neighbors, "neighbors");
-  MMH_CHECK_VALUE(data.device() == neighbors.device(), "neighbors are on ", neighbors.device(),
-                  " but data are on ", data.device());
-  MMH_CHECK_TYPE(data.scalar_type() == at::kFloat || data.scalar_type() == at::kDouble,
-                 "data must be float32 or float64, got ", data.scalar_type());
-  MMH_CHECK_TYPE(neighbors.scalar_type() == at::kLong, "neighbors must be int64, got ",
-                 neighbors.scalar_type());
-  MMH_CHECK_VALUE(data.size(1) > 0, "data must have at least one feature");
-  if (neighbors.numel() > 0) {
-    const auto mn = neighbors.min().item<int64_t>();
-    const auto mx = neighbors.max().item<int64_t>();
-    MMH_CHECK_VALUE(mn >= 0 && mx < data.size(0), "neighbors must index rows of data in [0, ",
-                    data.size(0), "), got values in [", mn, ", ", mx, "]");
-  }
-}
 
 // Spectra [B, min(K, D)] (descending, >= 0) of the neighbourhoods
 // nb [B, K]; sizes (optional) [B] restricts row i to its first sizes[i]
@@ -69,25 +49,12 @@ int64_t batch_rows(int64_t K, int64_t D, int64_t elem) {
 
 at::Tensor local_pca_cuda(const at::Tensor& data, const at::Tensor& neighbors,
                           const c10::optional<at::Tensor>& sizes) {
-  check_inputs(data, neighbors);
+  check_neighbourhoods(data, neighbors, /*cuda=*/true);
   c10::cuda::CUDAGuard guard(data.device());
   const auto x = data.contiguous();
   const auto nb = neighbors.contiguous();
   const int64_t M = nb.size(0), K = nb.size(1), D = x.size(1);
-  at::Tensor sz;
-  if (sizes.has_value()) {
-    sz = sizes->contiguous();
-    MMH_CHECK_DIM(sz, 1, "sizes");
-    MMH_CHECK_CUDA(sz, "sizes");
-    MMH_CHECK_TYPE(sz.scalar_type() == at::kLong, "sizes must be int64, got ", sz.scalar_type());
-    MMH_CHECK_VALUE(sz.size(0) == M, "sizes has ", sz.size(0), " entries for ", M, " rows");
-    if (M > 0) {
-      MMH_CHECK_VALUE(sz.min().item<int64_t>() >= 0 && sz.max().item<int64_t>() <= K,
-                      "sizes must be in [0, ", K, "]");
-    }
-  } else {
-    MMH_CHECK_VALUE(K >= 2, "a neighbourhood needs at least 2 points, got K = ", K);
-  }
+  const at::Tensor sz = check_sizes(sizes, M, K, /*cuda=*/true);
   auto out = at::zeros({M, std::min(K, D)}, x.options());
   if (M == 0 || K == 0) return out;
   const int64_t step = batch_rows(K, D, static_cast<int64_t>(x.element_size()));
@@ -102,10 +69,9 @@ at::Tensor local_pca_cuda(const at::Tensor& data, const at::Tensor& neighbors,
 std::tuple<at::Tensor, at::Tensor> local_pca_count_cuda(const at::Tensor& data,
                                                         const at::Tensor& neighbors,
                                                         double alpha) {
-  check_inputs(data, neighbors);
+  check_neighbourhoods(data, neighbors, /*cuda=*/true);
   MMH_CHECK_VALUE(alpha > 0.0 && alpha < 1.0, "alpha must be in (0, 1), got ", alpha);
-  MMH_CHECK_VALUE(neighbors.size(1) >= 2, "a neighbourhood needs at least 2 points, got K = ",
-                  neighbors.size(1));
+  check_sizes(c10::nullopt, neighbors.size(0), neighbors.size(1), /*cuda=*/true);  // K >= 2
   c10::cuda::CUDAGuard guard(data.device());
   const auto x = data.contiguous();
   const auto nb = neighbors.contiguous();

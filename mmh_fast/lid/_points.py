@@ -5,14 +5,30 @@ array kind (a torch input gets its results on its own device)."""
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 
+from .. import ops
 from ..ops._arrays import as_tensor, check_finite
+from ..ops.knn import query_batches
 from ..ops.local_pca import check_not_constant
 
-__all__ = ["prepare_points", "prepare_queries", "check_int"]
+__all__ = ["prepare_points", "prepare_queries", "check_int", "Run", "setup", "neighbour_batches"]
+
+
+def _float_2d(t: torch.Tensor, name: str, what: str) -> torch.Tensor:
+    """[n, ...] real array -> float [n, prod(...)] (integers and half
+    precision become float32)."""
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have shape [{what}, n_features] (or [{what}, *image_shape]), "
+                         f"got shape {tuple(t.shape)}")
+    if t.dtype == torch.bool or t.dtype.is_complex:
+        raise TypeError(f"{name} must hold real numbers, got {t.dtype}")
+    if not t.dtype.is_floating_point or t.dtype in (torch.float16, torch.bfloat16):
+        t = t.to(torch.float32)
+    return t.reshape(t.shape[0], -1)
 
 
 def prepare_points(data: Any, name: str = "data", *, device=None,
@@ -23,14 +39,7 @@ def prepare_points(data: Any, name: str = "data", *, device=None,
     float32; float32/float64 are kept. Raises ValueError naming ``name`` for
     1-D, empty, non-finite or constant data, TypeError for bool/complex."""
     t, back = as_tensor(data, name)
-    if t.dim() < 2:
-        raise ValueError(f"{name} must have shape [n_points, n_features] (or [n_points, *image_shape]), "
-                         f"got shape {tuple(t.shape)}")
-    if t.dtype == torch.bool or t.dtype.is_complex:
-        raise TypeError(f"{name} must hold real numbers, got {t.dtype}")
-    if not t.dtype.is_floating_point or t.dtype in (torch.float16, torch.bfloat16):
-        t = t.to(torch.float32)
-    t = t.reshape(t.shape[0], -1)
+    t = _float_2d(t, name, "n_points")
     if t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)} after flattening)")
     if t.shape[1] < min_features:
@@ -49,14 +58,7 @@ def prepare_queries(queries: Any, data: torch.Tensor, device=None) -> torch.Tens
     tensor must be on the data's device unless ``device`` was given (then
     both are moved there); numpy/cupy arrays are moved as needed."""
     q, _ = as_tensor(queries, "queries")
-    if q.dim() < 2:
-        raise ValueError(f"queries must have shape [n_queries, n_features] (or [n_queries, *image_shape]), "
-                         f"got shape {tuple(q.shape)}")
-    if q.dtype == torch.bool or q.dtype.is_complex:
-        raise TypeError(f"queries must hold real numbers, got {q.dtype}")
-    if not q.dtype.is_floating_point or q.dtype in (torch.float16, torch.bfloat16):
-        q = q.to(torch.float32)
-    q = q.reshape(q.shape[0], -1)
+    q = _float_2d(q, "queries", "n_queries")
     if q.shape[1] != data.shape[1]:
         raise ValueError(f"queries have {q.shape[1]} features but data have {data.shape[1]}")
     if q.dtype != data.dtype:
@@ -90,3 +92,50 @@ def check_data(x: torch.Tensor, k: int, *, exclude_self: bool, min_k: int = 1) -
     k = check_int(k, "k", min_k, avail)
     check_not_constant(x)
     return k
+
+
+@dataclass
+class Run:
+    """Prepared inputs of a pointwise estimator over M query points."""
+    x: torch.Tensor            # data [N, D] on the compute device
+    back: Callable             # result tensor -> the caller's array kind
+    q: torch.Tensor | None     # queries [M, D], or None for the data points
+    excl: bool                 # a data point is not its own neighbour
+    k: int
+    M: int
+    batch: int
+    update: Callable[[int], None]
+    close: Callable[[], None]
+
+
+def setup(data, queries, k, *, device, exclude_self, batch_size, progress, desc: str,
+          min_k: int = 2) -> Run:
+    """Validate and convert the common arguments of the data-side estimators."""
+    x, back = prepare_points(data, "data", device=device)
+    q = None if queries is None else prepare_queries(queries, x, device)
+    excl = bool(exclude_self) and q is None
+    k = check_data(x, k, exclude_self=excl, min_k=min_k)
+    M = x.shape[0] if q is None else q.shape[0]
+    if batch_size is None:
+        # about 64 MiB of gathered neighbourhood points per batch, at most 16384
+        batch = int(max(256, min(16384, (64 << 20) // max(1, 4 * k * x.shape[1]))))
+    else:
+        batch = check_int(batch_size, "batch_size", 1)
+    _, update, close = query_batches(M, x.shape[0], x.shape[1], 1, progress, desc)
+    return Run(x, back, q, excl, k, M, batch, update, close)
+
+
+def neighbour_batches(run: Run) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """(r0, r1, distances [r1 - r0, k], indices) for batches of the queries,
+    updating the progress bar; closes it at the end."""
+    try:
+        for r0 in range(0, run.M, run.batch):
+            r1 = min(run.M, r0 + run.batch)
+            if run.q is None:
+                d, nb = ops.knn(run.x, k=run.k, exclude_self=run.excl, rows=slice(r0, r1), progress=False)
+            else:
+                d, nb = ops.knn(run.x, run.q[r0:r1], run.k, progress=False)
+            yield r0, r1, d, nb
+            run.update(r1 - r0)
+    finally:
+        run.close()

@@ -9,9 +9,7 @@ import numbers
 
 import torch
 
-from .. import ops
-from ._points import check_data, prepare_points, prepare_queries
-from .lpca import _batch, _progress
+from ._points import neighbour_batches, setup
 
 __all__ = ["mle_lid", "twonn_lid"]
 
@@ -39,30 +37,17 @@ def mle_lid(data, queries=None, *, k: int = 20, unbiased: bool = False, batch_si
     Returns:
         [M] float64 LIDs as the array kind of ``data``.
     """
-    x, back = prepare_points(data, "data", device=device)
-    q = None if queries is None else prepare_queries(queries, x, device)
-    excl = bool(exclude_self) and q is None
-    k = check_data(x, k, exclude_self=excl, min_k=2)
-    kfac = k - 2 if unbiased else k - 1
+    run = setup(data, queries, k, device=device, exclude_self=exclude_self, batch_size=batch_size,
+                progress=progress, desc="MLE")
+    kfac = run.k - 2 if unbiased else run.k - 1
     if kfac < 1:
-        raise ValueError(f"k must be >= 3 with unbiased=True, got {k}")
-    M = x.shape[0] if q is None else q.shape[0]
-    bs = _batch(batch_size, k, x.shape[1])
-    update, close = _progress(progress, M, x.shape[0], x.shape[1], "MLE")
-    out = torch.empty(M, dtype=torch.float64, device=x.device)
-    try:
-        for r0 in range(0, M, bs):
-            r1 = min(M, r0 + bs)
-            if q is None:
-                d, _ = ops.knn(x, k=k, exclude_self=excl, rows=slice(r0, r1), progress=False)
-            else:
-                d, _ = ops.knn(x, q[r0:r1], k, progress=False)
-            d = d.to(torch.float64)
-            out[r0:r1] = kfac / torch.log(d[:, -1:] / d).sum(1)
-            update(r1 - r0)
-    finally:
-        close()
-    return back(out)
+        run.close()
+        raise ValueError(f"k must be >= 3 with unbiased=True, got {run.k}")
+    out = torch.empty(run.M, dtype=torch.float64, device=run.x.device)
+    for r0, r1, d, _ in neighbour_batches(run):
+        d = d.to(torch.float64)
+        out[r0:r1] = kfac / torch.log(d[:, -1:] / d).sum(1)
+    return run.back(out)
 
 
 def _two_nn_ratios(x: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
@@ -138,28 +123,15 @@ def twonn_lid(data, queries=None, *, k: int = 100, discard_fraction: float = 0.1
     if isinstance(discard_fraction, bool) or not isinstance(discard_fraction, numbers.Real) \
             or not 0.0 <= float(discard_fraction) < 1.0:
         raise ValueError(f"discard_fraction must be in [0, 1), got {discard_fraction!r}")
-    x, back = prepare_points(data, "data", device=device)
-    q = None if queries is None else prepare_queries(queries, x, device)
-    excl = bool(exclude_self) and q is None
-    k = check_data(x, k, exclude_self=excl, min_k=3)
-    M = x.shape[0] if q is None else q.shape[0]
-    bs = _batch(batch_size, k, x.shape[1])
-    update, close = _progress(progress, M, x.shape[0], x.shape[1], "TwoNN")
-    out = torch.empty(M, dtype=torch.float64, device=x.device)
-    try:
-        for r0 in range(0, M, bs):
-            r1 = min(M, r0 + bs)
-            if q is None:
-                _, nb = ops.knn(x, k=k, exclude_self=excl, rows=slice(r0, r1), progress=False)
-            else:
-                _, nb = ops.knn(x, q[r0:r1], k, progress=False)
-            # _two_nn_ratios holds ~(3 k D + 2 k^2) float64 per row: cap at ~64 MiB
-            step = max(1, (64 << 20) // (8 * (3 * k * x.shape[1] + 2 * k * k)))
-            for s0 in range(0, r1 - r0, step):
-                s1 = min(r1 - r0, s0 + step)
-                mu = _two_nn_ratios(x, nb[s0:s1])
-                out[r0 + s0:r0 + s1] = _twonn_fit(mu, float(discard_fraction), method)
-            update(r1 - r0)
-    finally:
-        close()
-    return back(out)
+    run = setup(data, queries, k, device=device, exclude_self=exclude_self, batch_size=batch_size,
+                progress=progress, desc="TwoNN", min_k=3)
+    k, x = run.k, run.x
+    out = torch.empty(run.M, dtype=torch.float64, device=x.device)
+    # _two_nn_ratios holds ~(3 k D + 2 k^2) float64 per row: at most ~64 MiB at once
+    step = max(1, (64 << 20) // (8 * (3 * k * x.shape[1] + 2 * k * k)))
+    for r0, r1, _, nb in neighbour_batches(run):
+        for s0 in range(0, r1 - r0, step):
+            s1 = min(r1 - r0, s0 + step)
+            mu = _two_nn_ratios(x, nb[s0:s1])
+            out[r0 + s0:r0 + s1] = _twonn_fit(mu, float(discard_fraction), method)
+    return run.back(out)

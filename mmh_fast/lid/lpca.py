@@ -15,7 +15,7 @@ import numbers
 import torch
 
 from .. import ops
-from ._points import check_data, check_int, prepare_points, prepare_queries
+from ._points import check_int, neighbour_batches, setup
 
 __all__ = ["lpca", "LocalPCA", "RULES", "apply_rule"]
 
@@ -129,33 +129,25 @@ def _quantile_large(v: torch.Tensor, q: float) -> float:
     return a + (b - a) * (pos - lo)
 
 
-def _paper(x, q, k, exclude_self, bs, progress, quantile, n_pairs, seed):
+def _paper(run, quantile: float, n_pairs: int, seed: int):
     """App. C.1: global variance threshold + restricted neighbourhoods (see lpca)."""
+    x, q = run.x, run.q
     r_star = _pair_distance_quantile(x, quantile, n_pairs, seed)
     scale2 = float(x.to(torch.float64).pow(2).sum(1).mean())
-    M = q.shape[0] if q is not None else x.shape[0]
     # A query is not a data row: its neighbourhood (which includes it) is
     # indexed in data followed by the queries.
     ext = x if q is None else torch.cat([x, q])
+    base = 0 if q is None else x.shape[0]
     spectra = []
-    for r0 in range(0, M, bs):
-        r1 = min(M, r0 + bs)
-        if q is None:
-            d, nb = ops.knn(x, k=k, exclude_self=exclude_self, rows=slice(r0, r1), progress=False)
-            own = torch.arange(r0, r1, device=x.device).unsqueeze(1)
-        else:
-            d, nb = ops.knn(x, q[r0:r1], k, progress=False)
-            own = torch.arange(x.shape[0] + r0, x.shape[0] + r1, device=x.device).unsqueeze(1)
-        dup = d <= 0  # exact copies (distances are recomputed exactly)
-        near = d <= r_star
-        n_dup = dup.sum(1)
-        n_near = near.sum(1)
+    for r0, r1, d, nb in neighbour_batches(run):
+        own = torch.arange(base + r0, base + r1, device=x.device).unsqueeze(1)
+        n_dup = (d <= 0).sum(1)  # exact copies (distances are recomputed exactly)
+        n_near = (d <= r_star).sum(1)
         # neighbours used: the copies if any, else those within r*, else all k
-        use = torch.where(n_dup > 0, n_dup, torch.where(n_near > 0, n_near, torch.full_like(n_near, k)))
+        use = torch.where(n_dup > 0, n_dup, torch.where(n_near > 0, n_near, torch.full_like(n_near, run.k)))
         idx = torch.cat([own, nb], 1)  # the point itself first, then its neighbours
         ev = ops.local_pca(ext, neighbors=idx, sizes=use + 1, progress=False)
         spectra.append(_floor_zeros(ev, scale2))
-        progress(r1 - r0)
     ev = torch.cat(spectra)
     tau = max(_quantile_large(ev, quantile), 0.0)
     return (ev > tau).sum(1), tau, r_star
@@ -218,51 +210,33 @@ def lpca(data, queries=None, *, k: int = 100, rule: str = "fo", alpha: float = 0
         of ``data`` (torch on the data's device).
     """
     rule = _check_rule(rule)
-    x, back = prepare_points(data, "data", device=device)
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < float(alpha) < 1.0:
         raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
-    q = None if queries is None else prepare_queries(queries, x, device)
-    excl = bool(exclude_self) and q is None
-    k = check_data(x, k, exclude_self=excl, min_k=2)
-    M = x.shape[0] if q is None else q.shape[0]
-    bs = _batch(batch_size, k, x.shape[1])
-    update, close = _progress(progress, M, x.shape[0], x.shape[1], "lpca")
+    run = setup(data, queries, k, device=device, exclude_self=exclude_self, batch_size=batch_size,
+                progress=progress, desc="lpca")
+    if rule == "paper":
+        if not 0.0 < float(quantile) < 1.0:
+            run.close()
+            raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
+        lid, _, _ = _paper(run, float(quantile), check_int(pair_sample, "pair_sample", 1), seed)
+        return run.back(lid)
+    x, q, M = run.x, run.q, run.M
+    out = torch.empty(M, dtype=torch.float64 if rule == "participation_ratio" else torch.int64,
+                      device=x.device)
     try:
-        if rule == "paper":
-            if not 0.0 < float(quantile) < 1.0:
-                raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
-            pair_sample = check_int(pair_sample, "pair_sample", 1)
-            lid, _, _ = _paper(x, q, k, excl, bs, update, float(quantile), pair_sample, seed)
-            return back(lid)
-        out = torch.empty(M, dtype=torch.float64 if rule == "participation_ratio" else torch.int64,
-                          device=x.device)
-        for r0 in range(0, M, bs):
-            r1 = min(M, r0 + bs)
+        for r0 in range(0, M, run.batch):
+            r1 = min(M, r0 + run.batch)
             sel = dict(rows=slice(r0, r1)) if q is None else dict(queries=q[r0:r1])
             if rule == "fo":
-                out[r0:r1] = ops.local_pca_count(x, k, alpha=float(alpha), exclude_self=excl,
+                out[r0:r1] = ops.local_pca_count(x, run.k, alpha=float(alpha), exclude_self=run.excl,
                                                  progress=False, **sel)
             else:
-                ev = ops.local_pca(x, k, exclude_self=excl, progress=False, **sel)
+                ev = ops.local_pca(x, run.k, exclude_self=run.excl, progress=False, **sel)
                 out[r0:r1] = apply_rule(ev, rule, float(alpha))
-            update(r1 - r0)
-        return back(out)
+            run.update(r1 - r0)
     finally:
-        close()
-
-
-def _batch(batch_size, k: int, d: int) -> int:
-    if batch_size is None:
-        # about 64 MiB of gathered neighbourhood points per batch, at most 16384
-        return int(max(256, min(16384, (64 << 20) // max(1, 4 * k * d))))
-    return check_int(batch_size, "batch_size", 1)
-
-
-def _progress(progress, m: int, n: int, d: int, desc: str):
-    from ..ops.knn import query_batches
-
-    _, update, close = query_batches(m, n, d, 1, progress, desc)
-    return update, close
+        run.close()
+    return run.back(out)
 
 
 class LocalPCA:

@@ -96,6 +96,23 @@ def check_rows(rows, n: int) -> tuple[int, int]:
     return start, max(start, stop)
 
 
+def resolve_queries(x: torch.Tensor, queries, rows) -> tuple[torch.Tensor, int, bool]:
+    """(query points, global index of the first, whether they are data rows):
+    data[rows] when ``queries`` is None, else the validated queries."""
+    if queries is None:
+        offset, stop = check_rows(rows, x.shape[0])
+        return x[offset:stop], offset, True
+    if rows is not None:
+        raise ValueError("rows selects data rows as queries; it cannot be combined with queries")
+    q, _ = as_tensor(queries, "queries")
+    if q.dim() != 2:
+        raise ValueError(f"queries must be a 2-D array [n_queries, n_features], got shape {tuple(q.shape)}")
+    validate_points(q, "queries", allow_empty=True, finite=False)
+    check_pair(x, q)
+    check_finite(q, "queries")
+    return q, 0, False
+
+
 def knn(data, queries=None, k: int | None = None, exclude_self: bool = True, *, squared: bool = False,
         batch_size: int | None = None, progress=None, extra_candidates: int = 8, rows: slice | None = None):
     """Exact k nearest neighbours of each query among ``data``.
@@ -128,20 +145,7 @@ def knn(data, queries=None, k: int | None = None, exclude_self: bool = True, *, 
     """
     x, back = as_tensor(data, "data")
     validate_points(x, "data")
-    self_mode = queries is None
-    offset = 0
-    if self_mode:
-        offset, stop = check_rows(rows, x.shape[0])
-        q = x[offset:stop]
-    else:
-        if rows is not None:
-            raise ValueError("rows selects data rows as queries; it cannot be combined with queries")
-        q, _ = as_tensor(queries, "queries")
-        if q.dim() != 2:
-            raise ValueError(f"queries must be a 2-D array [n_queries, n_features], got shape {tuple(q.shape)}")
-        validate_points(q, "queries", allow_empty=True, finite=False)
-        check_pair(x, q)
-        check_finite(q, "queries")
+    q, offset, self_mode = resolve_queries(x, queries, rows)
     excl = bool(exclude_self) and self_mode
     k = check_k(k, x.shape[0], excl)
     if isinstance(extra_candidates, bool) or not isinstance(extra_candidates, numbers.Integral) \

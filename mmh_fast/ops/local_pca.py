@@ -19,9 +19,9 @@ from typing import Iterator
 
 import torch
 
-from ._arrays import as_tensor, check_finite
+from ._arrays import as_tensor
 from ._dispatch import kernel
-from .knn import check_k, check_pair, check_rows, knn, query_batches, validate_points
+from .knn import check_k, knn, query_batches, resolve_queries, validate_points
 
 __all__ = ["local_pca", "local_pca_count", "check_not_constant"]
 
@@ -68,20 +68,7 @@ def _neighbourhoods(x: torch.Tensor, k, queries, neighbors, exclude_self: bool, 
                 close()
 
         return M, K, it()
-    self_mode = queries is None
-    offset = 0
-    if self_mode:
-        offset, stop = check_rows(rows, x.shape[0])
-        q = x[offset:stop]
-    else:
-        if rows is not None:
-            raise ValueError("rows selects data rows as queries; it cannot be combined with queries")
-        q, _ = as_tensor(queries, "queries")
-        if q.dim() != 2:
-            raise ValueError(f"queries must be a 2-D array [n_queries, n_features], got shape {tuple(q.shape)}")
-        validate_points(q, "queries", allow_empty=True, finite=False)
-        check_pair(x, q)
-        check_finite(q, "queries")
+    q, offset, self_mode = resolve_queries(x, queries, rows)
     excl = bool(exclude_self) and self_mode
     K = check_k(k, x.shape[0], excl)
     M = q.shape[0]
