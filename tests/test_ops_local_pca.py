@@ -149,3 +149,17 @@ def test_cuda_matches_cpu():
                                ops.local_pca(x, neighbors=nb), rtol=1e-4, atol=1e-5)
     assert (ops.local_pca_count(x.cuda(), neighbors=nb.cuda()).cpu()
             == ops.local_pca_count(x, neighbors=nb)).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_twonn_ratios_match_reference(device, dtype):
+    x = _manifold_points(300, 3, 20, seed=11, noise=0.01, dtype=dtype)
+    x[40] = x[7]  # an exact copy: r1 = 0 inside neighbourhoods holding both
+    _, nb = ops.knn(x, k=25)
+    got = ops.twonn_ratios(x.to(device), nb.to(device))
+    want = ref.twonn_ratios(x, nb)
+    assert got.dtype == torch.float64 and got.shape == (300, 25)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=0, equal_nan=True)
+    assert bool(torch.isinf(got[nb == 7]).any() | torch.isinf(got[nb == 40]).any())
+    with pytest.raises(ValueError, match="at least 3 points"):
+        ops.twonn_ratios(x, nb[:, :2])

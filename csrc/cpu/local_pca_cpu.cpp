@@ -184,6 +184,81 @@ MMH_SIMD_CLONES int64_t count_fo(const double* x, int64_t D, const int64_t* idx,
   return count_impl(x, D, idx, n, alpha, Y, Z, mean, S, W, ev, e, work, lam_max);
 }
 
+// TwoNN ratios inside one neighbourhood: for each of its K points, mu =
+// r2 / r1, its second and first nearest distances to the other K - 1. The
+// two nearest come from the Gram matrix of the centred points (float64,
+// register-blocked); their distances are then recomputed as sums of squared
+// differences of the original values, so exact copies give exactly 0.
+template <typename T>
+inline void twonn_impl(const T* __restrict x, int64_t D, const int64_t* __restrict idx, int K,
+                       double* __restrict Y, double* __restrict Z, double* __restrict mean,
+                       double* __restrict G, double* __restrict out) {
+  const T* x0 = x + idx[0] * D;
+  for (int64_t a = 0; a < D; ++a) mean[a] = 0.0;
+  for (int j = 0; j < K; ++j) {
+    const T* xj = x + idx[j] * D;
+    double* yj = Y + static_cast<int64_t>(j) * D;
+    for (int64_t a = 0; a < D; ++a) {
+      yj[a] = static_cast<double>(xj[a]) - static_cast<double>(x0[a]);
+      mean[a] += yj[a];
+    }
+  }
+  for (int64_t a = 0; a < D; ++a) mean[a] /= K;
+  const int kp = static_cast<int>(padded(K));
+  for (int64_t a = 0; a < D; ++a) {
+    double* za = Z + a * kp;
+    for (int j = K; j < kp; ++j) za[j] = 0.0;
+  }
+  for (int j = 0; j < K; ++j) {
+    const double* yj = Y + static_cast<int64_t>(j) * D;
+    for (int64_t a = 0; a < D; ++a) Z[a * kp + j] = yj[a] - mean[a];
+  }
+  syrk_lower_blocks(Z, static_cast<int>(D), kp, G);  // lower blocks of Yc Yc^T
+  for (int i = 0; i < K; ++i) {
+    const double gii = G[static_cast<int64_t>(i) * kp + i];
+    double b1 = INFINITY, b2 = INFINITY;
+    int j1 = -1, j2 = -1;
+    for (int j = 0; j < K; ++j) {
+      if (j == i) continue;
+      const double gij = j < i ? G[static_cast<int64_t>(i) * kp + j] : G[static_cast<int64_t>(j) * kp + i];
+      const double d2 = gii + G[static_cast<int64_t>(j) * kp + j] - 2.0 * gij;
+      if (d2 < b1) {
+        b2 = b1;
+        j2 = j1;
+        b1 = d2;
+        j1 = j;
+      } else if (d2 < b2) {
+        b2 = d2;
+        j2 = j;
+      }
+    }
+    const T* xi = x + idx[i] * D;
+    double r[2];
+    const int js[2] = {j1, j2};
+    for (int t = 0; t < 2; ++t) {
+      const T* xj = x + idx[js[t]] * D;
+      double s2 = 0.0;
+#pragma omp simd reduction(+ : s2)
+      for (int64_t a = 0; a < D; ++a) {
+        const double u = static_cast<double>(xi[a]) - static_cast<double>(xj[a]);
+        s2 += u * u;
+      }
+      r[t] = std::sqrt(s2);
+    }
+    const double r1 = std::min(r[0], r[1]), r2 = std::max(r[0], r[1]);
+    out[i] = r2 / r1;  // inf or NaN when r1 == 0, as the division gives
+  }
+}
+
+MMH_SIMD_CLONES void twonn_row(const float* x, int64_t D, const int64_t* idx, int K, double* Y,
+                               double* Z, double* mean, double* G, double* out) {
+  twonn_impl(x, D, idx, K, Y, Z, mean, G, out);
+}
+MMH_SIMD_CLONES void twonn_row(const double* x, int64_t D, const int64_t* idx, int K, double* Y,
+                               double* Z, double* mean, double* G, double* out) {
+  twonn_impl(x, D, idx, K, Y, Z, mean, G, out);
+}
+
 }  // namespace
 
 at::Tensor local_pca_cpu(const at::Tensor& data, const at::Tensor& neighbors,
@@ -244,6 +319,30 @@ std::tuple<at::Tensor, at::Tensor> local_pca_count_cpu(const at::Tensor& data,
     });
   });
   return {counts, lmax};
+}
+
+at::Tensor twonn_ratios_cpu(const at::Tensor& data, const at::Tensor& neighbors) {
+  check_neighbourhoods(data, neighbors, /*cuda=*/false);
+  const auto x = data.contiguous();
+  const auto nb = neighbors.contiguous();
+  const int64_t M = nb.size(0), K = nb.size(1), D = x.size(1);
+  MMH_CHECK_VALUE(K >= 3, "TwoNN needs neighbourhoods of at least 3 points, got K = ", K);
+  auto out = at::empty({M, K}, x.options().dtype(at::kDouble));
+  if (M == 0) return out;
+  const int64_t kp = padded(K);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "twonn_ratios_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const int64_t* ip = nb.data_ptr<int64_t>();
+    double* op = out.data_ptr<double>();
+    at::parallel_for(0, M, 8, [&](int64_t b, int64_t e_) {
+      std::vector<double> Y(K * D), Z(D * kp), G(kp * kp), mean(D);
+      for (int64_t i = b; i < e_; ++i) {
+        twonn_row(xp, D, ip + i * K, static_cast<int>(K), Y.data(), Z.data(), mean.data(), G.data(),
+                  op + i * K);
+      }
+    });
+  });
+  return out;
 }
 
 }  // namespace mmh

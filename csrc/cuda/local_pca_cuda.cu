@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "../common/knn_checks.h"
 
@@ -87,6 +88,35 @@ std::tuple<at::Tensor, at::Tensor> local_pca_count_cuda(const at::Tensor& data,
     lmax.narrow(0, r0, nr).copy_(top.squeeze(1));
   }
   return {counts, lmax};
+}
+
+at::Tensor twonn_ratios_cuda(const at::Tensor& data, const at::Tensor& neighbors) {
+  check_neighbourhoods(data, neighbors, /*cuda=*/true);
+  MMH_CHECK_VALUE(neighbors.size(1) >= 3, "TwoNN needs neighbourhoods of at least 3 points, got K = ",
+                  neighbors.size(1));
+  c10::cuda::CUDAGuard guard(data.device());
+  const auto x = data.contiguous();
+  const auto nb = neighbors.contiguous();
+  const int64_t M = nb.size(0), K = nb.size(1), D = x.size(1);
+  auto out = at::empty({M, K}, x.options().dtype(at::kDouble));
+  const int64_t step = batch_rows(K, D, 8);
+  for (int64_t r0 = 0; r0 < M; r0 += step) {
+    const int64_t nr = std::min(step, M - r0);
+    const auto idx = nb.narrow(0, r0, nr);
+    auto y = x.index_select(0, idx.reshape({-1})).to(at::kDouble).view({nr, K, D});
+    auto yc = y - y.mean(1, /*keepdim=*/true);
+    auto g = at::bmm(yc, yc.transpose(1, 2));
+    auto sq = g.diagonal(0, 1, 2);
+    auto d2 = sq.unsqueeze(2) + sq.unsqueeze(1) - 2 * g;
+    d2.diagonal(0, 1, 2).fill_(std::numeric_limits<double>::infinity());
+    auto two = std::get<1>(d2.topk(2, /*dim=*/2, /*largest=*/false, /*sorted=*/true));
+    auto gi = idx.gather(1, two.reshape({nr, 2 * K})).reshape({nr, K, 2});
+    auto r = (x.index_select(0, gi.reshape({-1})).to(at::kDouble).view({nr, K, 2, D}) - y.unsqueeze(2))
+                 .pow(2).sum(3).sqrt();
+    auto rs = std::get<0>(r.sort(2));
+    out.narrow(0, r0, nr).copy_(rs.select(2, 1) / rs.select(2, 0));
+  }
+  return out;
 }
 
 }  // namespace mmh

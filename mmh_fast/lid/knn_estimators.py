@@ -9,6 +9,7 @@ import numbers
 
 import torch
 
+from .. import ops
 from ._points import neighbour_batches, setup
 
 __all__ = ["mle_lid", "twonn_lid"]
@@ -50,27 +51,6 @@ def mle_lid(data, queries=None, *, k: int = 20, unbiased: bool = False, batch_si
     return run.back(out)
 
 
-def _two_nn_ratios(x: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
-    """mu = r2 / r1 inside each neighbourhood: for each of the k points of
-    neighbourhood b, its first and second nearest distances to the other
-    k - 1 points. Candidates come from the Gram matrix of the centred
-    neighbourhood (float64); the two winners' distances are recomputed as
-    sums of squared differences, so exact copies give exactly 0.
-    Returns [B, k] float64 (inf / NaN where r1 = 0)."""
-    B, k = nb.shape
-    y = x[nb.reshape(-1)].to(torch.float64).reshape(B, k, -1)
-    yc = y - y.mean(1, keepdim=True)
-    g = yc @ yc.transpose(1, 2)
-    sq = g.diagonal(dim1=1, dim2=2)
-    d2 = sq.unsqueeze(2) + sq.unsqueeze(1) - 2 * g
-    d2.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-    two = d2.topk(2, dim=2, largest=False).indices  # [B, k, 2] positions in the neighbourhood
-    gi = torch.gather(nb, 1, two.reshape(B, 2 * k)).reshape(B, k, 2)  # their data rows
-    r = (x[gi].to(torch.float64) - y.unsqueeze(2)).pow(2).sum(3).sqrt()  # [B, k, 2]
-    r, _ = r.sort(2)
-    return r[..., 1] / r[..., 0]
-
-
 def _twonn_fit(mu: torch.Tensor, discard_fraction: float, method: str) -> torch.Tensor:
     """skdim TwoNN._twonn on each row of ratios mu [B, k] (non-finite dropped,
     the largest discard_fraction discarded, line through the origin fitted to
@@ -103,7 +83,8 @@ def twonn_lid(data, queries=None, *, k: int = 100, discard_fraction: float = 0.1
     i.e. the global TwoNN estimate fitted on each point's neighbourhood of k
     nearest neighbours (the point excluded). Inside the neighbourhood each
     point's ratio mu = r2 / r1 of its second to first nearest-neighbour
-    distance is taken; ratios with r1 = 0 (duplicates) are dropped (skdim
+    distance is taken (:func:`mmh_fast.ops.twonn_ratios`, a native kernel);
+    ratios with r1 = 0 (duplicates) are dropped (skdim
     warns and drops them too), the largest ``discard_fraction`` are
     discarded, and
 
@@ -125,13 +106,8 @@ def twonn_lid(data, queries=None, *, k: int = 100, discard_fraction: float = 0.1
         raise ValueError(f"discard_fraction must be in [0, 1), got {discard_fraction!r}")
     run = setup(data, queries, k, device=device, exclude_self=exclude_self, batch_size=batch_size,
                 progress=progress, desc="TwoNN", min_k=3)
-    k, x = run.k, run.x
-    out = torch.empty(run.M, dtype=torch.float64, device=x.device)
-    # _two_nn_ratios holds ~(3 k D + 2 k^2) float64 per row: at most ~64 MiB at once
-    step = max(1, (64 << 20) // (8 * (3 * k * x.shape[1] + 2 * k * k)))
+    out = torch.empty(run.M, dtype=torch.float64, device=run.x.device)
     for r0, r1, _, nb in neighbour_batches(run):
-        for s0 in range(0, r1 - r0, step):
-            s1 = min(r1 - r0, s0 + step)
-            mu = _two_nn_ratios(x, nb[s0:s1])
-            out[r0 + s0:r0 + s1] = _twonn_fit(mu, float(discard_fraction), method)
+        mu = ops.twonn_ratios(run.x, nb)
+        out[r0:r1] = _twonn_fit(mu, float(discard_fraction), method)
     return run.back(out)

@@ -11,7 +11,7 @@ import math
 import torch
 
 __all__ = ["philox4x32_10", "hutchinson_probes", "hutchinson_reduce", "rank_from_singular_values",
-           "svd_rank", "knn", "local_pca", "local_pca_count"]
+           "svd_rank", "knn", "local_pca", "local_pca_count", "twonn_ratios"]
 
 _MASK32 = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -188,3 +188,16 @@ def local_pca_count(data: torch.Tensor, neighbors: torch.Tensor, alpha: float = 
     ev = local_pca(data.to(torch.float64), neighbors)
     top = ev[:, :1]
     return (ev > alpha * top).sum(1), top[:, 0].to(data.dtype)
+
+
+def twonn_ratios(data: torch.Tensor, neighbors: torch.Tensor):
+    """[M, K] float64: for each point of each neighbourhood data[neighbors[i]],
+    its second over its first nearest distance to the other points of the
+    neighbourhood, from direct float64 differences (inf / NaN when the first
+    is 0)."""
+    x = data.to(torch.float64)
+    y = x[neighbors.cpu()]  # [M, K, D]
+    d = torch.cdist(y, y, compute_mode="donot_use_mm_for_euclid_dist")
+    d.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    r = d.topk(2, dim=2, largest=False).values  # ascending: r1, r2
+    return r[..., 1] / r[..., 0]
