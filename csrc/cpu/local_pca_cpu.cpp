@@ -52,6 +52,22 @@ inline void syrk_lower_blocks(const T* __restrict Z, int rows, int mp, T* __rest
   }
 }
 
+// Z[a, j] = Y[j, a] - mean[a] for j < n, a < D (Z row stride ld): a
+// transpose in column blocks of kPad, so that each row of Z receives kPad
+// contiguous values per pass instead of one scattered value.
+template <typename Tz, typename Ty>
+inline void centred_transpose(const Ty* __restrict Y, int n, int64_t D, const double* __restrict mean,
+                              Tz* __restrict Z, int64_t ld) {
+  for (int j0 = 0; j0 < n; j0 += kPad) {
+    const int jn = std::min(kPad, n - j0);
+    for (int64_t a = 0; a < D; ++a) {
+      Tz* za = Z + a * ld + j0;
+      for (int jj = 0; jj < jn; ++jj)
+        za[jj] = static_cast<Tz>(Y[static_cast<int64_t>(j0 + jj) * D + a] - mean[a]);
+    }
+  }
+}
+
 // Gather the n points of a neighbourhood, centre them on their mean and form
 // S = Z^T Z / (n - 1): Z = centred points [n, D] when n > D (covariance,
 // order D), Z = their transpose [D, n] otherwise (Gram, order n). Points are
@@ -67,10 +83,8 @@ inline int neighbourhood_matrix(const T* __restrict x, int64_t D, const int64_t*
   for (int j = 0; j < n; ++j) {
     const T* xj = x + idx[j] * D;
     T* yj = Y + static_cast<int64_t>(j) * D;
-    for (int64_t a = 0; a < D; ++a) {
-      yj[a] = xj[a] - x0[a];
-      mean[a] += static_cast<double>(yj[a]);
-    }
+    for (int64_t a = 0; a < D; ++a) yj[a] = xj[a] - x0[a];
+    for (int64_t a = 0; a < D; ++a) mean[a] += static_cast<double>(yj[a]);
   }
   const double inv_n = 1.0 / n;
   for (int64_t a = 0; a < D; ++a) mean[a] *= inv_n;
@@ -87,10 +101,7 @@ inline int neighbourhood_matrix(const T* __restrict x, int64_t D, const int64_t*
       for (int64_t a = 0; a < D; ++a) zj[a] = static_cast<T>(yj[a] - mean[a]);
     }
   } else {
-    for (int j = 0; j < n; ++j) {
-      const T* yj = Y + static_cast<int64_t>(j) * D;
-      for (int64_t a = 0; a < D; ++a) Z[a * mp + j] = static_cast<T>(yj[a] - mean[a]);
-    }
+    centred_transpose(Y, n, D, mean, Z, mp);
   }
   syrk_lower_blocks(Z, rows, mp, S);
   const T scale = static_cast<T>(1.0 / (n - 1));
@@ -198,10 +209,8 @@ inline void twonn_impl(const T* __restrict x, int64_t D, const int64_t* __restri
   for (int j = 0; j < K; ++j) {
     const T* xj = x + idx[j] * D;
     double* yj = Y + static_cast<int64_t>(j) * D;
-    for (int64_t a = 0; a < D; ++a) {
-      yj[a] = static_cast<double>(xj[a]) - static_cast<double>(x0[a]);
-      mean[a] += yj[a];
-    }
+    for (int64_t a = 0; a < D; ++a) yj[a] = static_cast<double>(xj[a]) - static_cast<double>(x0[a]);
+    for (int64_t a = 0; a < D; ++a) mean[a] += yj[a];
   }
   for (int64_t a = 0; a < D; ++a) mean[a] /= K;
   const int kp = static_cast<int>(padded(K));
@@ -209,10 +218,7 @@ inline void twonn_impl(const T* __restrict x, int64_t D, const int64_t* __restri
     double* za = Z + a * kp;
     for (int j = K; j < kp; ++j) za[j] = 0.0;
   }
-  for (int j = 0; j < K; ++j) {
-    const double* yj = Y + static_cast<int64_t>(j) * D;
-    for (int64_t a = 0; a < D; ++a) Z[a * kp + j] = yj[a] - mean[a];
-  }
+  centred_transpose(Y, K, D, mean, Z, kp);
   syrk_lower_blocks(Z, static_cast<int>(D), kp, G);  // lower blocks of Yc Yc^T
   for (int i = 0; i < K; ++i) {
     const double gii = G[static_cast<int64_t>(i) * kp + i];

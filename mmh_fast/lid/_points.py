@@ -117,8 +117,10 @@ def setup(data, queries, k, *, device, exclude_self, batch_size, progress, desc:
     k = check_data(x, k, exclude_self=excl, min_k=min_k)
     M = x.shape[0] if q is None else q.shape[0]
     if batch_size is None:
-        # about 64 MiB of gathered neighbourhood points per batch, at most 16384
-        batch = int(max(256, min(16384, (64 << 20) // max(1, 4 * k * x.shape[1]))))
+        # Batches bound the [batch, k] neighbour lists and set the progress
+        # granularity; the kernels keep their own working sets small. Each
+        # batch re-reads the whole data (validation, centring), so not small.
+        batch = 8192
     else:
         batch = check_int(batch_size, "batch_size", 1)
     _, update, close = query_batches(M, x.shape[0], x.shape[1], 1, progress, desc)

@@ -172,7 +172,8 @@ def lpca(data, queries=None, *, k: int = 100, rule: str = "fo", alpha: float = 0
             (see :func:`apply_rule`; "fo" uses the native FO count, no
             spectrum) -- or "paper" (below).
         alpha: alphaFO for "fo", alphaRatio for "ratio".
-        batch_size: points per batch; memory is O(batch_size * k * D).
+        batch_size: points per batch (default 8192); memory is O(batch_size * k)
+            besides the data.
         device: where to compute (default: the data's device).
         exclude_self: with queries=None, a point is not its own neighbour.
         progress: None (tqdm bar for long runs), True, False or a callable
