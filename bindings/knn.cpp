@@ -21,6 +21,8 @@ void bind_knn(pybind11::module_& m) {
   m.def("local_pca_count_cpu", &local_pca_count_cpu, py::arg("data"), py::arg("neighbors"),
         py::arg("alpha"),
         "FO count: (#variances > alpha * largest [M] int64, largest variance [M]).");
+  m.def("twonn_ratios_cpu", &twonn_ratios_cpu, py::arg("data"), py::arg("neighbors"),
+        "TwoNN ratios r2 / r1 inside each neighbourhood [M, K] float64.");
 #ifdef WITH_CUDA
   m.def("knn_cuda", &knn_cuda, py::arg("data"), py::arg("queries"), py::arg("k"),
         py::arg("self_offset"), py::arg("squared"), py::arg("extra"));
@@ -28,6 +30,7 @@ void bind_knn(pybind11::module_& m) {
         py::arg("sizes") = py::none());
   m.def("local_pca_count_cuda", &local_pca_count_cuda, py::arg("data"), py::arg("neighbors"),
         py::arg("alpha"));
+  m.def("twonn_ratios_cuda", &twonn_ratios_cuda, py::arg("data"), py::arg("neighbors"));
 #endif
 }
 

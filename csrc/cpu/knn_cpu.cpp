@@ -25,7 +25,7 @@
 #include <limits>
 #include <vector>
 
-#include "../common/checks.h"
+#include "../common/knn_checks.h"
 #include "../common/simd.h"
 #include "../kernels/topk.h"
 
@@ -38,7 +38,7 @@ constexpr int64_t kScanBlock = 32;
 // without branches; when the buffer is nearly full it is cut back to the kk
 // smallest (nth_element, linear time) and the threshold drops to the largest
 // key kept. Appending costs a store per key and the cut is amortised over the
-// 2 kk appends between cuts, which is cheaper than sifting a heap per
+// 3 kk appends between cuts, which is cheaper than sifting a heap per
 // admitted key (k ln(N/k) admissions per row).
 template <typename T>
 struct Entry {
@@ -53,8 +53,9 @@ struct RowBuffer {
   T thr;
 };
 
+// Exact cut to the kk smallest (key, index) pairs.
 template <typename T>
-inline void cut(RowBuffer<T>& b, int64_t kk) {
+inline void cut_exact(RowBuffer<T>& b, int64_t kk) {
   if (b.n <= kk) return;
   auto less = [](const Entry<T>& x, const Entry<T>& y) {
     return topk::pair_less(x.key, x.idx, y.key, y.idx);
@@ -64,16 +65,36 @@ inline void cut(RowBuffer<T>& b, int64_t kk) {
   b.thr = b.e[kk - 1].key;
 }
 
+// Cheap cut while scanning: the kk-th smallest key t by nth_element on the
+// keys alone, then keep every entry with key <= t (ties at t included, so
+// the final exact cut still sees all of them); later keys must beat t
+// strictly. Falls back to the exact cut when ties leave the buffer full.
+template <typename T>
+inline void cut(RowBuffer<T>& b, int64_t kk, int64_t room, T* scratch) {
+  if (b.n <= kk) return;
+  for (int64_t a = 0; a < b.n; ++a) scratch[a] = b.e[a].key;
+  std::nth_element(scratch, scratch + (kk - 1), scratch + b.n);
+  const T t = scratch[kk - 1];
+  int64_t m = 0;
+  for (int64_t a = 0; a < b.n; ++a) {
+    b.e[m] = b.e[a];
+    m += b.e[a].key <= t;
+  }
+  b.n = m;
+  b.thr = t;
+  if (b.n > room) cut_exact(b, kk);
+}
+
 template <typename T>
 inline void scan_row(const T* __restrict g, const T* __restrict xn, int64_t nc, int64_t c0,
-                     RowBuffer<T>& b, int64_t kk, int64_t cap) {
+                     RowBuffer<T>& b, int64_t kk, int64_t cap, T* scratch) {
   int64_t j0 = 0;
   for (; j0 + kScanBlock <= nc; j0 += kScanBlock) {
     const T thr = b.thr;
     int hit = 0;
     for (int64_t j = 0; j < kScanBlock; ++j) hit |= (g[j0 + j] + xn[j0 + j] < thr);
     if (!hit) continue;
-    if (b.n + kScanBlock > cap) cut(b, kk);
+    if (b.n + kScanBlock > cap) cut(b, kk, cap - kScanBlock, scratch);
     const T t2 = b.thr;
     Entry<T>* e = b.e;
     int64_t n = b.n;
@@ -85,7 +106,7 @@ inline void scan_row(const T* __restrict g, const T* __restrict xn, int64_t nc, 
     b.n = n;
   }
   if (j0 < nc) {
-    if (b.n + kScanBlock > cap) cut(b, kk);
+    if (b.n + kScanBlock > cap) cut(b, kk, cap - kScanBlock, scratch);
     const T t2 = b.thr;
     Entry<T>* e = b.e;
     int64_t n = b.n;
@@ -100,12 +121,14 @@ inline void scan_row(const T* __restrict g, const T* __restrict xn, int64_t nc, 
 
 // Non-template entry points so that each can carry its own SIMD clones.
 MMH_SIMD_CLONES void scan_rows(const float* g, int64_t nr, int64_t nc, const float* xn,
-                               int64_t c0, RowBuffer<float>* rows, int64_t kk, int64_t cap) {
-  for (int64_t r = 0; r < nr; ++r) scan_row(g + r * nc, xn, nc, c0, rows[r], kk, cap);
+                               int64_t c0, RowBuffer<float>* rows, int64_t kk, int64_t cap,
+                               float* scratch) {
+  for (int64_t r = 0; r < nr; ++r) scan_row(g + r * nc, xn, nc, c0, rows[r], kk, cap, scratch);
 }
 MMH_SIMD_CLONES void scan_rows(const double* g, int64_t nr, int64_t nc, const double* xn,
-                               int64_t c0, RowBuffer<double>* rows, int64_t kk, int64_t cap) {
-  for (int64_t r = 0; r < nr; ++r) scan_row(g + r * nc, xn, nc, c0, rows[r], kk, cap);
+                               int64_t c0, RowBuffer<double>* rows, int64_t kk, int64_t cap,
+                               double* scratch) {
+  for (int64_t r = 0; r < nr; ++r) scan_row(g + r * nc, xn, nc, c0, rows[r], kk, cap, scratch);
 }
 
 template <typename T>
@@ -157,12 +180,13 @@ void knn_kernel(const at::Tensor& x, const at::Tensor& q, int64_t k, int64_t sel
   const int64_t bd = std::clamp<int64_t>((256 * 1024 / static_cast<int64_t>(sizeof(T))) / bq, 256, 8192);
   const int64_t nblocks = (M + bq - 1) / bq;
   const T inf = std::numeric_limits<T>::infinity();
-  // Candidate buffer per row: kk kept + room for 2 kk appends between cuts.
-  const int64_t cap = 3 * kk + kScanBlock;
+  // Candidate buffer per row: kk kept + room for 3 kk appends between cuts.
+  const int64_t cap = 4 * kk + kScanBlock;
 
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> gbuf(static_cast<size_t>(bq * bd));
     std::vector<Entry<T>> bent(static_cast<size_t>(bq * cap));
+    std::vector<T> scratch(static_cast<size_t>(cap));
     std::vector<RowBuffer<T>> rows(static_cast<size_t>(bq));
     std::vector<Cand> cand(static_cast<size_t>(kk));
     const auto opts = x.options();
@@ -183,13 +207,13 @@ void knn_kernel(const at::Tensor& x, const at::Tensor& q, int64_t k, int64_t sel
             if (self >= c0 && self < c0 + nc) gbuf[static_cast<size_t>(r * nc + (self - c0))] = inf;
           }
         }
-        scan_rows(gbuf.data(), nr, nc, xn_p + c0, c0, rows.data(), kk, cap);
+        scan_rows(gbuf.data(), nr, nc, xn_p + c0, c0, rows.data(), kk, cap, scratch.data());
       }
       // Re-rank the k' candidates of each row by their exact distances.
       for (int64_t r = 0; r < nr; ++r) {
         const T* qrow = qorig + (r0 + r) * D;
         RowBuffer<T>& b = rows[static_cast<size_t>(r)];
-        cut(b, kk);
+        cut_exact(b, kk);
         const int64_t n = b.n;  // == kk since kk <= the points available
         for (int64_t c = 0; c < n; ++c)
           cand[static_cast<size_t>(c)] = {exact_sq(xorig + b.e[c].idx * D, qrow, D), b.e[c].idx};
@@ -211,25 +235,8 @@ void knn_kernel(const at::Tensor& x, const at::Tensor& q, int64_t k, int64_t sel
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& data, const at::Tensor& queries,
                                            int64_t k, int64_t self_offset, bool squared,
                                            int64_t extra) {
-  MMH_CHECK_DIM(data, 2, "data");
-  MMH_CHECK_DIM(queries, 2, "queries");
-  MMH_CHECK_CPU(data, "data");
-  MMH_CHECK_CPU(queries, "queries");
-  MMH_CHECK_TYPE(data.scalar_type() == at::kFloat || data.scalar_type() == at::kDouble,
-                 "data must be float32 or float64, got ", data.scalar_type());
-  MMH_CHECK_TYPE(queries.scalar_type() == data.scalar_type(), "queries dtype ",
-                 queries.scalar_type(), " differs from data dtype ", data.scalar_type());
-  MMH_CHECK_VALUE(queries.size(1) == data.size(1), "queries have ", queries.size(1),
-                  " features but data have ", data.size(1));
-  const int64_t N = data.size(0), M = queries.size(0);
-  MMH_CHECK_VALUE(data.size(1) > 0, "data must have at least one feature");
-  MMH_CHECK_VALUE(extra >= 0, "extra must be >= 0, got ", extra);
-  const int64_t avail = N - (self_offset >= 0 ? 1 : 0);
-  MMH_CHECK_VALUE(k >= 1 && k <= avail, "k must be in [1, ", avail, "] for ", N,
-                  " data points", (self_offset >= 0 ? " (self excluded)" : ""), ", got ", k);
-  if (self_offset >= 0) {
-    MMH_CHECK_VALUE(self_offset + M <= N, "self_offset + number of queries exceeds N");
-  }
+  const int64_t avail = check_knn_args(data, queries, k, self_offset, extra, /*cuda=*/false);
+  const int64_t M = queries.size(0);
   const auto x = data.contiguous();
   const auto q = queries.contiguous();
   auto out_d = at::empty({M, k}, x.options());

@@ -38,4 +38,11 @@ std::tuple<at::Tensor, at::Tensor> local_pca_count_cpu(const at::Tensor& data,
                                                        const at::Tensor& neighbors,
                                                        double alpha);
 
+// TwoNN ratios inside each neighbourhood (scikit-dimension's pointwise
+// TwoNN fits the global estimator on each point's neighbourhood): for each of
+// the K points of row i's neighbourhood data[neighbors[i]], mu = r2 / r1, its
+// second over first nearest distance to the other K - 1 points (inf or NaN
+// when r1 = 0: exact copies). Returns [M, K] float64.
+at::Tensor twonn_ratios_cpu(const at::Tensor& data, const at::Tensor& neighbors);
+
 }  // namespace mmh

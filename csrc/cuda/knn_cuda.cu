@@ -17,7 +17,7 @@
 #include <algorithm>
 #include <limits>
 
-#include "../common/checks.h"
+#include "../common/knn_checks.h"
 #include "../kernels/topk.h"
 
 namespace mmh {
@@ -140,27 +140,8 @@ __global__ void exact_kernel(const T* __restrict__ x, const T* __restrict__ q, i
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& data, const at::Tensor& queries,
                                             int64_t k, int64_t self_offset, bool squared,
                                             int64_t extra) {
-  MMH_CHECK_DIM(data, 2, "data");
-  MMH_CHECK_DIM(queries, 2, "queries");
-  MMH_CHECK_CUDA(data, "data");
-  MMH_CHECK_CUDA(queries, "queries");
-  MMH_CHECK_VALUE(data.device() == queries.device(), "queries are on ", queries.device(),
-                  " but data are on ", data.device());
-  MMH_CHECK_TYPE(data.scalar_type() == at::kFloat || data.scalar_type() == at::kDouble,
-                 "data must be float32 or float64, got ", data.scalar_type());
-  MMH_CHECK_TYPE(queries.scalar_type() == data.scalar_type(), "queries dtype ",
-                 queries.scalar_type(), " differs from data dtype ", data.scalar_type());
-  MMH_CHECK_VALUE(queries.size(1) == data.size(1), "queries have ", queries.size(1),
-                  " features but data have ", data.size(1));
-  MMH_CHECK_VALUE(data.size(1) > 0, "data must have at least one feature");
-  MMH_CHECK_VALUE(extra >= 0, "extra must be >= 0, got ", extra);
+  const int64_t avail = check_knn_args(data, queries, k, self_offset, extra, /*cuda=*/true);
   const int64_t N = data.size(0), M = queries.size(0), D = data.size(1);
-  const int64_t avail = N - (self_offset >= 0 ? 1 : 0);
-  MMH_CHECK_VALUE(k >= 1 && k <= avail, "k must be in [1, ", avail, "] for ", N,
-                  " data points", (self_offset >= 0 ? " (self excluded)" : ""), ", got ", k);
-  if (self_offset >= 0) {
-    MMH_CHECK_VALUE(self_offset + M <= N, "self_offset + number of queries exceeds N");
-  }
   c10::cuda::CUDAGuard guard(data.device());
   const auto x = data.contiguous();
   const auto q = queries.contiguous();

@@ -9,31 +9,12 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <limits>
 
-#include "../common/checks.h"
+#include "../common/knn_checks.h"
 
 namespace mmh {
 namespace {
-
-void check_inputs(const at::Tensor& data, const at::Tensor& neighbors) {
-  MMH_CHECK_DIM(data, 2, "data");
-  MMH_CHECK_DIM(neighbors, 2, "neighbors");
-  MMH_CHECK_CUDA(data, "data");
-  MMH_CHECK_CUDA(neighbors, "neighbors");
-  MMH_CHECK_VALUE(data.device() == neighbors.device(), "neighbors are on ", neighbors.device(),
-                  " but data are on ", data.device());
-  MMH_CHECK_TYPE(data.scalar_type() == at::kFloat || data.scalar_type() == at::kDouble,
-                 "data must be float32 or float64, got ", data.scalar_type());
-  MMH_CHECK_TYPE(neighbors.scalar_type() == at::kLong, "neighbors must be int64, got ",
-                 neighbors.scalar_type());
-  MMH_CHECK_VALUE(data.size(1) > 0, "data must have at least one feature");
-  if (neighbors.numel() > 0) {
-    const auto mn = neighbors.min().item<int64_t>();
-    const auto mx = neighbors.max().item<int64_t>();
-    MMH_CHECK_VALUE(mn >= 0 && mx < data.size(0), "neighbors must index rows of data in [0, ",
-                    data.size(0), "), got values in [", mn, ", ", mx, "]");
-  }
-}
 
 // Spectra [B, min(K, D)] (descending, >= 0) of the neighbourhoods
 // nb [B, K]; sizes (optional) [B] restricts row i to its first sizes[i]
@@ -69,25 +50,12 @@ int64_t batch_rows(int64_t K, int64_t D, int64_t elem) {
 
 at::Tensor local_pca_cuda(const at::Tensor& data, const at::Tensor& neighbors,
                           const c10::optional<at::Tensor>& sizes) {
-  check_inputs(data, neighbors);
+  check_neighbourhoods(data, neighbors, /*cuda=*/true);
   c10::cuda::CUDAGuard guard(data.device());
   const auto x = data.contiguous();
   const auto nb = neighbors.contiguous();
   const int64_t M = nb.size(0), K = nb.size(1), D = x.size(1);
-  at::Tensor sz;
-  if (sizes.has_value()) {
-    sz = sizes->contiguous();
-    MMH_CHECK_DIM(sz, 1, "sizes");
-    MMH_CHECK_CUDA(sz, "sizes");
-    MMH_CHECK_TYPE(sz.scalar_type() == at::kLong, "sizes must be int64, got ", sz.scalar_type());
-    MMH_CHECK_VALUE(sz.size(0) == M, "sizes has ", sz.size(0), " entries for ", M, " rows");
-    if (M > 0) {
-      MMH_CHECK_VALUE(sz.min().item<int64_t>() >= 0 && sz.max().item<int64_t>() <= K,
-                      "sizes must be in [0, ", K, "]");
-    }
-  } else {
-    MMH_CHECK_VALUE(K >= 2, "a neighbourhood needs at least 2 points, got K = ", K);
-  }
+  const at::Tensor sz = check_sizes(sizes, M, K, /*cuda=*/true);
   auto out = at::zeros({M, std::min(K, D)}, x.options());
   if (M == 0 || K == 0) return out;
   const int64_t step = batch_rows(K, D, static_cast<int64_t>(x.element_size()));
@@ -102,10 +70,9 @@ at::Tensor local_pca_cuda(const at::Tensor& data, const at::Tensor& neighbors,
 std::tuple<at::Tensor, at::Tensor> local_pca_count_cuda(const at::Tensor& data,
                                                         const at::Tensor& neighbors,
                                                         double alpha) {
-  check_inputs(data, neighbors);
+  check_neighbourhoods(data, neighbors, /*cuda=*/true);
   MMH_CHECK_VALUE(alpha > 0.0 && alpha < 1.0, "alpha must be in (0, 1), got ", alpha);
-  MMH_CHECK_VALUE(neighbors.size(1) >= 2, "a neighbourhood needs at least 2 points, got K = ",
-                  neighbors.size(1));
+  check_sizes(c10::nullopt, neighbors.size(0), neighbors.size(1), /*cuda=*/true);  // K >= 2
   c10::cuda::CUDAGuard guard(data.device());
   const auto x = data.contiguous();
   const auto nb = neighbors.contiguous();
@@ -121,6 +88,35 @@ std::tuple<at::Tensor, at::Tensor> local_pca_count_cuda(const at::Tensor& data,
     lmax.narrow(0, r0, nr).copy_(top.squeeze(1));
   }
   return {counts, lmax};
+}
+
+at::Tensor twonn_ratios_cuda(const at::Tensor& data, const at::Tensor& neighbors) {
+  check_neighbourhoods(data, neighbors, /*cuda=*/true);
+  MMH_CHECK_VALUE(neighbors.size(1) >= 3, "TwoNN needs neighbourhoods of at least 3 points, got K = ",
+                  neighbors.size(1));
+  c10::cuda::CUDAGuard guard(data.device());
+  const auto x = data.contiguous();
+  const auto nb = neighbors.contiguous();
+  const int64_t M = nb.size(0), K = nb.size(1), D = x.size(1);
+  auto out = at::empty({M, K}, x.options().dtype(at::kDouble));
+  const int64_t step = batch_rows(K, D, 8);
+  for (int64_t r0 = 0; r0 < M; r0 += step) {
+    const int64_t nr = std::min(step, M - r0);
+    const auto idx = nb.narrow(0, r0, nr);
+    auto y = x.index_select(0, idx.reshape({-1})).to(at::kDouble).view({nr, K, D});
+    auto yc = y - y.mean(1, /*keepdim=*/true);
+    auto g = at::bmm(yc, yc.transpose(1, 2));
+    auto sq = g.diagonal(0, 1, 2);
+    auto d2 = sq.unsqueeze(2) + sq.unsqueeze(1) - 2 * g;
+    d2.diagonal(0, 1, 2).fill_(std::numeric_limits<double>::infinity());
+    auto two = std::get<1>(d2.topk(2, /*dim=*/2, /*largest=*/false, /*sorted=*/true));
+    auto gi = idx.gather(1, two.reshape({nr, 2 * K})).reshape({nr, K, 2});
+    auto r = (x.index_select(0, gi.reshape({-1})).to(at::kDouble).view({nr, K, 2, D}) - y.unsqueeze(2))
+                 .pow(2).sum(3).sqrt();
+    auto rs = std::get<0>(r.sort(2));
+    out.narrow(0, r0, nr).copy_(rs.select(2, 1) / rs.select(2, 0));
+  }
+  return out;
 }
 
 }  // namespace mmh

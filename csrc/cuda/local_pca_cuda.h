@@ -16,4 +16,6 @@ std::tuple<at::Tensor, at::Tensor> local_pca_count_cuda(const at::Tensor& data,
                                                         const at::Tensor& neighbors,
                                                         double alpha);
 
+at::Tensor twonn_ratios_cuda(const at::Tensor& data, const at::Tensor& neighbors);
+
 }  // namespace mmh

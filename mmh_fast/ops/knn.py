@@ -21,8 +21,9 @@ from ._dispatch import kernel
 __all__ = ["knn", "validate_points", "query_batches"]
 
 
-def validate_points(x: torch.Tensor, name: str, *, allow_empty: bool = False) -> None:
-    """Shape, dtype and finiteness checks shared by the family-3 entries."""
+def validate_points(x: torch.Tensor, name: str, *, allow_empty: bool = False, finite: bool = True) -> None:
+    """Shape, dtype and (unless ``finite=False``) finiteness checks shared by
+    the family-3 entries."""
     if x.dim() != 2:
         raise ValueError(f"{name} must be a 2-D array [n_points, n_features], got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float64):
@@ -31,7 +32,8 @@ def validate_points(x: torch.Tensor, name: str, *, allow_empty: bool = False) ->
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)})")
     if x.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
-    check_finite(x, name)
+    if finite:
+        check_finite(x, name)
 
 
 def check_pair(data: torch.Tensor, queries: torch.Tensor) -> None:
@@ -94,6 +96,23 @@ def check_rows(rows, n: int) -> tuple[int, int]:
     return start, max(start, stop)
 
 
+def resolve_queries(x: torch.Tensor, queries, rows) -> tuple[torch.Tensor, int, bool]:
+    """(query points, global index of the first, whether they are data rows):
+    data[rows] when ``queries`` is None, else the validated queries."""
+    if queries is None:
+        offset, stop = check_rows(rows, x.shape[0])
+        return x[offset:stop], offset, True
+    if rows is not None:
+        raise ValueError("rows selects data rows as queries; it cannot be combined with queries")
+    q, _ = as_tensor(queries, "queries")
+    if q.dim() != 2:
+        raise ValueError(f"queries must be a 2-D array [n_queries, n_features], got shape {tuple(q.shape)}")
+    validate_points(q, "queries", allow_empty=True, finite=False)
+    check_pair(x, q)
+    check_finite(q, "queries")
+    return q, 0, False
+
+
 def knn(data, queries=None, k: int | None = None, exclude_self: bool = True, *, squared: bool = False,
         batch_size: int | None = None, progress=None, extra_candidates: int = 8, rows: slice | None = None):
     """Exact k nearest neighbours of each query among ``data``.
@@ -126,19 +145,7 @@ def knn(data, queries=None, k: int | None = None, exclude_self: bool = True, *, 
     """
     x, back = as_tensor(data, "data")
     validate_points(x, "data")
-    self_mode = queries is None
-    offset = 0
-    if self_mode:
-        offset, stop = check_rows(rows, x.shape[0])
-        q = x[offset:stop]
-    else:
-        if rows is not None:
-            raise ValueError("rows selects data rows as queries; it cannot be combined with queries")
-        q, _ = as_tensor(queries, "queries")
-        if q.dim() != 2:
-            raise ValueError(f"queries must be a 2-D array [n_queries, n_features], got shape {tuple(q.shape)}")
-        validate_points(q, "queries", allow_empty=True)
-        check_pair(x, q)
+    q, offset, self_mode = resolve_queries(x, queries, rows)
     excl = bool(exclude_self) and self_mode
     k = check_k(k, x.shape[0], excl)
     if isinstance(extra_candidates, bool) or not isinstance(extra_candidates, numbers.Integral) \
@@ -148,16 +155,20 @@ def knn(data, queries=None, k: int | None = None, exclude_self: bool = True, *, 
     M = q.shape[0]
     bs, update, close = query_batches(M, x.shape[0], x.shape[1], batch_size, progress)
     x = x.contiguous()
-    dists, idxs = [], []
+    d = i = None
     try:
         for r0 in range(0, max(M, 1), bs):
             r1 = min(M, r0 + bs)
-            d, i = fn(x, q[r0:r1], k, offset + r0 if excl else -1, bool(squared), int(extra_candidates))
-            dists.append(d)
-            idxs.append(i)
+            db, ib = fn(x, q[r0:r1], k, offset + r0 if excl else -1, bool(squared), int(extra_candidates))
+            if r0 == 0 and r1 == M:
+                d, i = db, ib
+            else:
+                if d is None:  # one output buffer, filled batch by batch
+                    d = torch.empty((M, k), dtype=db.dtype, device=db.device)
+                    i = torch.empty((M, k), dtype=ib.dtype, device=ib.device)
+                d[r0:r1] = db
+                i[r0:r1] = ib
             update(r1 - r0)
     finally:
         close()
-    d = dists[0] if len(dists) == 1 else torch.cat(dists)
-    i = idxs[0] if len(idxs) == 1 else torch.cat(idxs)
     return back(d), back(i)

@@ -21,9 +21,9 @@ import torch
 
 from ._arrays import as_tensor
 from ._dispatch import kernel
-from .knn import check_k, check_pair, check_rows, knn, query_batches, validate_points
+from .knn import check_k, knn, query_batches, resolve_queries, validate_points
 
-__all__ = ["local_pca", "local_pca_count", "check_not_constant"]
+__all__ = ["local_pca", "local_pca_count", "twonn_ratios", "check_not_constant"]
 
 
 def check_not_constant(x: torch.Tensor, name: str = "data") -> None:
@@ -68,19 +68,7 @@ def _neighbourhoods(x: torch.Tensor, k, queries, neighbors, exclude_self: bool, 
                 close()
 
         return M, K, it()
-    self_mode = queries is None
-    offset = 0
-    if self_mode:
-        offset, stop = check_rows(rows, x.shape[0])
-        q = x[offset:stop]
-    else:
-        if rows is not None:
-            raise ValueError("rows selects data rows as queries; it cannot be combined with queries")
-        q, _ = as_tensor(queries, "queries")
-        if q.dim() != 2:
-            raise ValueError(f"queries must be a 2-D array [n_queries, n_features], got shape {tuple(q.shape)}")
-        validate_points(q, "queries", allow_empty=True)
-        check_pair(x, q)
+    q, offset, self_mode = resolve_queries(x, queries, rows)
     excl = bool(exclude_self) and self_mode
     K = check_k(k, x.shape[0], excl)
     M = q.shape[0]
@@ -213,3 +201,29 @@ def local_pca_count(data, k: int | None = None, *, alpha: float = 0.05, queries=
     if return_largest:
         return back(counts), back(largest)
     return back(counts)
+
+
+def twonn_ratios(data, neighbors):
+    """TwoNN ratios inside given neighbourhoods (Facco et al. 2017; the
+    quantity scikit-dimension's pointwise TwoNN fits on each neighbourhood).
+
+    For each of the K points of neighbourhood i, data[neighbors[i]], mu =
+    r2 / r1: its second over its first nearest distance to the other K - 1
+    points of the neighbourhood. The two nearest come from the Gram matrix of
+    the centred neighbourhood (float64); their distances are recomputed as
+    sums of squared differences, so exact copies give r1 = 0 exactly (mu is
+    then inf, or NaN when r2 = 0 too).
+
+    Args:
+        data: [N, D] float32/float64 (torch CPU/CUDA, numpy, cupy).
+        neighbors: [M, K] integer indices into data, K >= 3.
+
+    Returns:
+        [M, K] float64, as the array kind of ``data``.
+    """
+    x, back = as_tensor(data, "data")
+    validate_points(x, "data")
+    nb = _as_neighbors(neighbors, x)
+    if nb.shape[1] < 3:
+        raise ValueError(f"TwoNN needs neighbourhoods of at least 3 points, got {nb.shape[1]}")
+    return back(kernel("twonn_ratios", x.device)(x.contiguous(), nb))

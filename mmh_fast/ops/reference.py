@@ -10,8 +10,8 @@ import math
 
 import torch
 
-__all__ = ["philox4x32_10", "hutchinson_probes", "hutchinson_reduce", "knn", "local_pca",
-           "local_pca_count", "rank_from_singular_values", "svd_rank"]
+__all__ = ["philox4x32_10", "hutchinson_probes", "hutchinson_reduce", "rank_from_singular_values",
+           "svd_rank", "knn", "local_pca", "local_pca_count", "twonn_ratios"]
 
 _MASK32 = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -83,68 +83,6 @@ def hutchinson_reduce(av: torch.Tensor, sample_ids: torch.Tensor, probe_begin: i
     return mean, se, dots
 
 
-# --- Kernel family 3: k nearest neighbours and local PCA --------------------
-
-
-def knn(data: torch.Tensor, queries: torch.Tensor | None, k: int, exclude_self: bool = True,
-        squared: bool = False):
-    """Exact kNN by brute force in float64: squared distances as sums of
-    squared differences (no GEMM form), rows sorted by (distance, index); a
-    point is not its own neighbour when ``queries`` is None and
-    ``exclude_self``. Returns (distances [M, k] in the data dtype, indices
-    [M, k] int64). Memory O(M N D) per chunk of 64 queries."""
-    x = data.to(torch.float64)
-    self_mode = queries is None
-    q = x if self_mode else queries.to(torch.float64)
-    N, M = x.shape[0], q.shape[0]
-    ds, ids = [], []
-    for r0 in range(0, M, 64):
-        qq = q[r0:r0 + 64]
-        d2 = ((qq[:, None, :] - x[None, :, :]) ** 2).sum(-1)  # [m, N]
-        if self_mode and exclude_self:
-            rows = torch.arange(qq.shape[0])
-            d2[rows, rows + r0] = float("inf")
-        # sort by index (already) then stably by distance: ties keep index order
-        order = torch.sort(d2, dim=1, stable=True).indices[:, :k]
-        ds.append(d2.gather(1, order))
-        ids.append(order)
-    d2 = torch.cat(ds) if ds else torch.empty(0, k, dtype=torch.float64)
-    idx = torch.cat(ids) if ids else torch.empty(0, k, dtype=torch.int64)
-    d = d2 if squared else d2.sqrt()
-    return d.to(data.dtype), idx
-
-
-def local_pca(data: torch.Tensor, neighbors: torch.Tensor, sizes: torch.Tensor | None = None):
-    """Explained variances [M, min(K, D)] of the neighbourhoods
-    data[neighbors[i, :n_i]] (n_i = K or sizes[i]): eigenvalues of the
-    covariance of the points centred on their mean, denominator n_i - 1,
-    descending, clamped at 0, zero-padded; all zeros when n_i < 2. float64
-    torch.linalg.eigvalsh, one neighbourhood at a time."""
-    x = data.to(torch.float64)
-    M, K = neighbors.shape
-    D = x.shape[1]
-    m = min(K, D)
-    out = torch.zeros(M, m, dtype=torch.float64)
-    for i in range(M):
-        n = K if sizes is None else int(sizes[i])
-        if n < 2:
-            continue
-        y = x[neighbors[i, :n]]
-        y = y - y.mean(0)
-        ev = torch.linalg.eigvalsh(y.T @ y / (n - 1)).flip(0).clamp_min(0)
-        r = min(n, D, m)
-        out[i, :r] = ev[:r]
-    return out.to(data.dtype)
-
-
-def local_pca_count(data: torch.Tensor, neighbors: torch.Tensor, alpha: float = 0.05):
-    """FO count per neighbourhood: #(explained variance > alpha * largest),
-    from :func:`local_pca` in float64. Returns (counts [M] int64, largest [M])."""
-    ev = local_pca(data.to(torch.float64), neighbors)
-    top = ev[:, :1]
-    return (ev > alpha * top).sum(1), top[:, 0].to(data.dtype)
-
-
 # ---------------------------------------------------------------------------
 # Kernel family 2: singular values and numerical rank (mmh_fast.ops.svd_rank)
 # ---------------------------------------------------------------------------
@@ -189,3 +127,77 @@ def svd_rank(A: torch.Tensor, threshold=None, rule: str = "gap", min_ratio: floa
         rtol = min(max(m, n) * eps, 0.5)
     s = torch.linalg.svdvals(A.to(torch.float64))
     return rank_from_singular_values(s, rule, threshold, min_ratio, rtol), s
+
+
+# --- Kernel family 3: k nearest neighbours and local PCA --------------------
+
+
+def knn(data: torch.Tensor, queries: torch.Tensor | None, k: int, exclude_self: bool = True,
+        squared: bool = False):
+    """Exact kNN by brute force in float64: squared distances as sums of
+    squared differences (no GEMM form), rows sorted by (distance, index); a
+    point is not its own neighbour when ``queries`` is None and
+    ``exclude_self``. Returns (distances [M, k] in the data dtype, indices
+    [M, k] int64)."""
+    x = data.to(torch.float64)
+    self_mode = queries is None
+    q = x if self_mode else queries.to(torch.float64)
+    N, M = x.shape[0], q.shape[0]
+    ds, ids = [], []
+    for r0 in range(0, M, 64):
+        qq = q[r0:r0 + 64]
+        # direct differences (not the |q|^2 + |x|^2 - 2 q.x form)
+        d2 = torch.cdist(qq, x, compute_mode="donot_use_mm_for_euclid_dist") ** 2  # [m, N]
+        if self_mode and exclude_self:
+            rows = torch.arange(qq.shape[0])
+            d2[rows, rows + r0] = float("inf")
+        # sort by index (already) then stably by distance: ties keep index order
+        order = torch.sort(d2, dim=1, stable=True).indices[:, :k]
+        ds.append(d2.gather(1, order))
+        ids.append(order)
+    d2 = torch.cat(ds) if ds else torch.empty(0, k, dtype=torch.float64)
+    idx = torch.cat(ids) if ids else torch.empty(0, k, dtype=torch.int64)
+    d = d2 if squared else d2.sqrt()
+    return d.to(data.dtype), idx
+
+
+def local_pca(data: torch.Tensor, neighbors: torch.Tensor, sizes: torch.Tensor | None = None):
+    """Explained variances [M, min(K, D)] of the neighbourhoods
+    data[neighbors[i, :n_i]] (n_i = K or sizes[i]): eigenvalues of the D x D
+    covariance of the points centred on their mean, denominator n_i - 1,
+    descending, clamped at 0, zero past min(n_i, D); all zeros when n_i < 2.
+    float64, batched torch.linalg.eigvalsh."""
+    x = data.to(torch.float64)
+    M, K = neighbors.shape
+    D = x.shape[1]
+    n = torch.full((M,), K, dtype=torch.int64) if sizes is None else sizes.to(torch.int64).cpu()
+    w = (torch.arange(K).unsqueeze(0) < n.unsqueeze(1)).to(torch.float64).unsqueeze(2)  # [M, K, 1]
+    y = x[neighbors.cpu()] * w
+    mean = y.sum(1, keepdim=True) / n.clamp_min(1).to(torch.float64).view(M, 1, 1)
+    y = (y - mean) * w
+    cov = y.transpose(1, 2) @ y / (n - 1).clamp_min(1).to(torch.float64).view(M, 1, 1)
+    ev = torch.linalg.eigvalsh(cov).flip(1).clamp_min(0)[:, :min(K, D)]
+    keep = torch.arange(ev.shape[1]).unsqueeze(0) < torch.minimum(n, torch.tensor(D)).unsqueeze(1)
+    ev = ev * (keep & (n >= 2).unsqueeze(1))
+    return ev.to(data.dtype)
+
+
+def local_pca_count(data: torch.Tensor, neighbors: torch.Tensor, alpha: float = 0.05):
+    """FO count per neighbourhood: #(explained variance > alpha * largest),
+    from :func:`local_pca` in float64. Returns (counts [M] int64, largest [M])."""
+    ev = local_pca(data.to(torch.float64), neighbors)
+    top = ev[:, :1]
+    return (ev > alpha * top).sum(1), top[:, 0].to(data.dtype)
+
+
+def twonn_ratios(data: torch.Tensor, neighbors: torch.Tensor):
+    """[M, K] float64: for each point of each neighbourhood data[neighbors[i]],
+    its second over its first nearest distance to the other points of the
+    neighbourhood, from direct float64 differences (inf / NaN when the first
+    is 0)."""
+    x = data.to(torch.float64)
+    y = x[neighbors.cpu()]  # [M, K, D]
+    d = torch.cdist(y, y, compute_mode="donot_use_mm_for_euclid_dist")
+    d.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    r = d.topk(2, dim=2, largest=False).values  # ascending: r1, r2
+    return r[..., 1] / r[..., 0]

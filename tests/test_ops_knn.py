@@ -1,0 +1,188 @@
+"""mmh_fast.ops.knn: native kernels against the plain-PyTorch reference and
+scikit-learn's brute-force search; self exclusion; bad input."""
+import numpy as np
+import pytest
+import torch
+
+import mmh_fast
+from mmh_fast import ops
+from mmh_fast.ops import reference as ref
+
+
+def _points(n, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _assert_dist_close(got, want, dtype):
+    # distances are recomputed as float64 sums of squared differences: equal
+    # to the reference up to the summation order (a few ulps of the dtype)
+    tol = 4 * torch.finfo(dtype).eps
+    torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,d,k", [(300, 7, 10), (1100, 33, 40), (40, 3, 39)])
+def test_self_knn_matches_reference(device, dtype, n, d, k):
+    x = _points(n, d, dtype)
+    dist, idx = ops.knn(x.to(device), k=k)
+    rd, ri = ref.knn(x, None, k)
+    assert dist.dtype == dtype and idx.dtype == torch.int64 and dist.shape == (n, k)
+    assert torch.equal(idx.cpu(), ri)
+    _assert_dist_close(dist, rd, dtype)
+    assert bool((dist[:, 1:] >= dist[:, :-1]).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_queries_match_reference(device, dtype):
+    x = _points(1200, 16, dtype, 1)
+    q = _points(77, 16, dtype, 2)
+    dist, idx = ops.knn(x.to(device), q.to(device), 25)
+    rd, ri = ref.knn(x, q, 25)
+    assert torch.equal(idx.cpu(), ri)
+    _assert_dist_close(dist, rd, dtype)
+    # squared distances
+    d2, i2 = ops.knn(x.to(device), q.to(device), 25, squared=True)
+    assert torch.equal(i2, idx)
+    _assert_dist_close(d2, ref.knn(x, q, 25, squared=True)[0], dtype)
+
+
+def test_matches_sklearn_brute_force():
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(1000, 24))
+    q = rng.normal(size=(100, 24))
+    dist, idx = ops.knn(x, k=30)
+    assert isinstance(dist, np.ndarray) and isinstance(idx, np.ndarray)
+    nn = NearestNeighbors(n_neighbors=30, algorithm="brute").fit(x)
+    sd, si = nn.kneighbors()
+    np.testing.assert_array_equal(idx, si)
+    np.testing.assert_allclose(dist, sd, rtol=1e-9)
+    qd, qi = ops.knn(x, q, 30)
+    sd, si = nn.kneighbors(q)
+    np.testing.assert_array_equal(qi, si)
+    np.testing.assert_allclose(qd, sd, rtol=1e-9)
+    # float32 data: same neighbours as sklearn (which works in float64 internally)
+    d32, i32 = ops.knn(x.astype(np.float32), k=30)
+    sd32, si32 = NearestNeighbors(n_neighbors=30, algorithm="brute").fit(x.astype(np.float32)).kneighbors()
+    assert (i32 == si32).mean() > 0.999
+    np.testing.assert_allclose(d32, sd32, rtol=1e-5)
+
+
+def test_exclude_self_is_by_index_and_keeps_duplicates(device):
+    x = _points(200, 5, torch.float64, 4)
+    x[50] = x[10]  # an exact duplicate pair
+    dist, idx = ops.knn(x.to(device), k=3)
+    assert int(idx[10, 0]) == 50 and int(idx[50, 0]) == 10
+    assert float(dist[10, 0]) == 0.0 and float(dist[50, 0]) == 0.0
+    assert not bool((idx.cpu() == torch.arange(200).unsqueeze(1)).any())
+    # without exclusion a point is its own nearest neighbour at distance 0
+    dist, idx = ops.knn(x.to(device), k=3, exclude_self=False)
+    assert float(dist[7, 0]) == 0.0 and int(idx[7, 0]) == 7
+    assert set(idx[10, :2].tolist()) == {10, 50}
+
+
+def test_rows_stream_the_same_result(device):
+    x = _points(900, 9, torch.float32, 5).to(device)
+    d, i = ops.knn(x, k=12)
+    d2, i2 = ops.knn(x, k=12, rows=slice(300, 650))
+    assert torch.equal(i2, i[300:650]) and torch.equal(d2, d[300:650])
+    # batching does not change anything either
+    d3, i3 = ops.knn(x, k=12, batch_size=101)
+    assert torch.equal(i3, i) and torch.equal(d3, d)
+
+
+def test_progress_callback_and_bar():
+    x = _points(500, 4, torch.float64, 6)
+    calls = []
+    ops.knn(x, k=5, batch_size=128, progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (500, 500) and len(calls) == 4
+    ops.knn(x, k=5, batch_size=128, progress=True)  # a tqdm bar, must not fail
+
+
+def test_ties_are_broken_by_index():
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    dist, idx = ops.knn(x, k=4)
+    assert idx[0].tolist() == [1, 2, 3, 4]
+    torch.testing.assert_close(dist[0], torch.ones(4))
+
+
+def test_reference_and_kernel_agree_on_kernel_entry():
+    x = _points(64, 3, torch.float64, 8)
+    d, i = mmh_fast._native.native().knn_cpu(x, x[10:20], 5, 10, False, 0)
+    rd, ri = ref.knn(x, None, 5)
+    assert torch.equal(i, ri[10:20])
+
+
+# --- bad input -------------------------------------------------------------
+
+@pytest.mark.parametrize("data,match", [
+    (torch.zeros(3, 4, 5), "2-D"),
+    (torch.zeros(10), "2-D"),
+    (torch.zeros(0, 4), "empty"),
+    (torch.zeros(5, 0), "no features"),
+])
+def test_bad_shapes(data, match):
+    with pytest.raises(ValueError, match=match):
+        ops.knn(data, k=1)
+
+
+def test_bad_k():
+    x = _points(10, 3, torch.float32)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 9\]"):
+        ops.knn(x, k=10)  # k >= N with self exclusion
+    with pytest.raises(ValueError, match=r"k must be in \[1, 10\]"):
+        ops.knn(x, x[:2], 11)
+    with pytest.raises(ValueError, match="k must be"):
+        ops.knn(x, k=0)
+    with pytest.raises(TypeError, match="k must be an integer"):
+        ops.knn(x, k=2.5)
+    with pytest.raises(TypeError, match="k .* is required"):
+        ops.knn(x)
+
+
+def test_non_finite_data_and_queries():
+    x = _points(20, 3, torch.float64)
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="data contains 1 NaN or inf"):
+        ops.knn(bad, k=2)
+    bad[3, 1] = float("inf")
+    with pytest.raises(ValueError, match="queries contains 1 NaN or inf"):
+        ops.knn(x, bad, 2)
+
+
+def test_mismatched_queries():
+    x = _points(20, 3, torch.float64)
+    with pytest.raises(ValueError, match="queries have 4 features but data have 3"):
+        ops.knn(x, _points(5, 4, torch.float64), 2)
+    with pytest.raises(TypeError, match="queries dtype torch.float32 differs"):
+        ops.knn(x, _points(5, 3, torch.float32), 2)
+    with pytest.raises(ValueError, match="queries are on meta but data are on cpu"):
+        ops.knn(x, torch.empty(5, 3, dtype=torch.float64, device="meta"), 2)
+    with pytest.raises(ValueError, match="queries must be a 2-D"):
+        ops.knn(x, torch.zeros(3, dtype=torch.float64), 2)
+
+
+def test_bad_dtypes_and_kinds():
+    with pytest.raises(TypeError, match="data must be float32 or float64"):
+        ops.knn(torch.arange(12).reshape(6, 2), k=1)
+    with pytest.raises(TypeError, match="data must be a torch.Tensor, numpy.ndarray"):
+        ops.knn([[0.0, 1.0], [1.0, 2.0]], k=1)
+    with pytest.raises(TypeError, match="rows must be a slice"):
+        ops.knn(_points(10, 2, torch.float32), k=1, rows=[1, 2])
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_kernel():
+    x = _points(5000, 40, torch.float32, 9)
+    q = _points(300, 40, torch.float32, 10)
+    dc, ic = ops.knn(x, k=50)
+    dg, ig = ops.knn(x.cuda(), k=50)
+    assert (ig.cpu() == ic).float().mean() > 0.999
+    torch.testing.assert_close(dg.cpu(), dc, rtol=1e-6, atol=1e-6)
+    dc, ic = ops.knn(x, q, 1100)  # k' beyond the fused selection: the at::topk path
+    dg, ig = ops.knn(x.cuda(), q.cuda(), 1100)
+    assert (ig.cpu() == ic).float().mean() > 0.999
+    torch.testing.assert_close(dg.cpu(), dc, rtol=1e-6, atol=1e-6)
