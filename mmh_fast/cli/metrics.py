@@ -170,20 +170,28 @@ def resolve_metrics(names: Sequence[str]) -> list[Metric]:
     return [get_metric(n) for n in names]
 
 
+_LOADED_FILES: set = set()
+
+
 def load_plugins(specs: Sequence[str]) -> None:
-    """Import plugin modules (dotted names or paths to .py files) so they can register metrics."""
+    """Import plugin modules (dotted names or paths to .py files) so they can register
+    metrics. A file is executed once per process, like an imported module."""
     for spec in specs:
         spec = spec.strip()
         if not spec:
             continue
         try:
             if spec.endswith(".py") or os.sep in spec:
-                if not os.path.isfile(spec):
+                path = os.path.abspath(spec)
+                if not os.path.isfile(path):
                     raise UserError(f"plugin file {spec!r} does not exist")
-                name = "mmh_fast_plugin_" + os.path.splitext(os.path.basename(spec))[0]
-                mspec = importlib.util.spec_from_file_location(name, spec)
+                if path in _LOADED_FILES:
+                    continue
+                name = "mmh_fast_plugin_" + os.path.splitext(os.path.basename(path))[0]
+                mspec = importlib.util.spec_from_file_location(name, path)
                 module = importlib.util.module_from_spec(mspec)
                 mspec.loader.exec_module(module)
+                _LOADED_FILES.add(path)
             else:
                 importlib.import_module(spec)
         except ImportError as exc:

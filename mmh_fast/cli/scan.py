@@ -360,9 +360,12 @@ def _check_manifest(out, manifest, old) -> None:
                         + "\n  ".join(diffs))
 
 
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+
+
 def _default_workers(world_local: int) -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, min(8, cpus // max(1, world_local) - 1))
+    return max(1, min(8, _cpus() // max(1, world_local) - 1))
 
 
 def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
@@ -468,6 +471,12 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
         workers = _default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if cfg.workers is None \
             else cfg.workers
         workers = min(workers, len(todo))
+        threads = torch.get_num_threads()
+        if device.type == "cpu" and workers and "OMP_NUM_THREADS" not in os.environ:
+            # Model threads and decoding workers share the cores: oversubscribed
+            # OpenMP threads spin and can slow the model several-fold.
+            per_proc = _cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            torch.set_num_threads(max(1, min(threads, per_proc - workers)))
         ds = _UnitDataset(source, todo, resume.done_positions, cfg.batch_size, image_size)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
                                              worker_init_fn=_worker_init if workers else None,
@@ -514,6 +523,7 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
                     break
             del loader
         finally:
+            torch.set_num_threads(threads)
             writer.close()
             progress.close()
             for sig, h in handlers.items():
