@@ -467,7 +467,7 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
                             options=dict(cfg.options))
         computer = _Computer(metrics, ctx, cfg.batch_size, dtype or torch.float32, log)
         writer = PartWriter(cfg.out, {m.name: m.dtype for m in metrics}, manifest, next_seq=resume.next_seq,
-                            part_rows=cfg.part_rows, flush_seconds=cfg.flush_seconds)
+                            part_rows=cfg.part_rows, flush_seconds=cfg.flush_seconds, rank=rank, world_size=world)
         workers = _default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if cfg.workers is None \
             else cfg.workers
         workers = min(workers, len(todo))

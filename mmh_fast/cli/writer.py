@@ -171,8 +171,10 @@ class PartWriter:
     ``complete``) and on :meth:`close` (interrupted: not complete)."""
 
     def __init__(self, out_dir: str, metric_dtypes: dict[str, str], metadata: dict, *,
-                 next_seq: dict | None = None, part_rows: int = 1024, flush_seconds: float = 300.0):
+                 next_seq: dict | None = None, part_rows: int = 1024, flush_seconds: float = 300.0,
+                 rank: int = 0, world_size: int = 1):
         self.out_dir = out_dir
+        self.rank, self.world_size = rank, world_size
         self.schema = result_schema(metric_dtypes)
         self.metrics = list(metric_dtypes)
         self.metadata = metadata
@@ -213,7 +215,8 @@ class PartWriter:
         seq = self.next_seq.get(unit, 0)
         self.next_seq[unit] = seq + 1
         meta = dict(self.metadata)
-        meta["part"] = {"unit": unit, "seq": seq, "complete": complete, "rows": n}
+        meta["part"] = {"unit": unit, "seq": seq, "complete": complete, "rows": n, "rank": self.rank,
+                        "world_size": self.world_size}
         table = pa.table({name: pa.array(buf[name], type=self.schema.field(name).type)
                           for name in self.schema.names},
                          schema=self.schema.with_metadata({META_KEY: json.dumps(meta).encode()}))
