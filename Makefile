@@ -30,8 +30,12 @@ demo: build
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+BENCH_TIER ?= quick
 bench: build
-	$(PY) -m pytest bench -q --benchmark-enable --benchmark-only $(BENCH_ARGS)
+	mkdir -p .benchmarks
+	$(PY) -m pytest bench -q -o addopts= --benchmark-enable --benchmark-only --tier $(BENCH_TIER) \
+		--benchmark-json=.benchmarks/latest.json $(BENCH_ARGS)
+	$(PY) bench/check.py .benchmarks/latest.json --baseline bench/baselines/cpu-$(BENCH_TIER).json $(CHECK_ARGS)
 
 cuda-check: $(VENV)/.deps
 	cmake -S . -B build/cuda-check -DPython_EXECUTABLE=$(abspath $(PY))

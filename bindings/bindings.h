@@ -5,4 +5,5 @@
 
 namespace mmh {
 void bind_hutchinson(pybind11::module_& m);
+void bind_svd_rank(pybind11::module_& m);
 }  // namespace mmh

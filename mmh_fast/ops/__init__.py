@@ -2,5 +2,6 @@
 chosen by the device of the input. Plain-PyTorch statements of each kernel are
 in :mod:`mmh_fast.ops.reference`."""
 from .hutchinson import hutchinson_probes, hutchinson_trace
+from .svd_rank import svd_rank
 
-__all__ = ["hutchinson_probes", "hutchinson_trace"]
+__all__ = ["hutchinson_probes", "hutchinson_trace", "svd_rank"]

@@ -10,7 +10,8 @@ import math
 
 import torch
 
-__all__ = ["philox4x32_10", "hutchinson_probes", "hutchinson_reduce"]
+__all__ = ["philox4x32_10", "hutchinson_probes", "hutchinson_reduce", "rank_from_singular_values",
+           "svd_rank"]
 
 _MASK32 = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -80,3 +81,49 @@ def hutchinson_reduce(av: torch.Tensor, sample_ids: torch.Tensor, probe_begin: i
     se = dots.std(0, unbiased=True) / math.sqrt(P) if P > 1 else torch.full((B,), float("nan"),
                                                                             dtype=torch.float64)
     return mean, se, dots
+
+
+# ---------------------------------------------------------------------------
+# Kernel family 2: singular values and numerical rank (mmh_fast.ops.svd_rank)
+# ---------------------------------------------------------------------------
+
+def rank_from_singular_values(s: torch.Tensor, rule: str = "gap", threshold=None,
+                              min_ratio: float = 3.0, rtol: float = 0.0) -> torch.Tensor:
+    """Ranks [B] int64 from exact singular values s [B, k] (descending).
+
+    gap: argmax_i (s'_i - s'_{i+1}) + 1 (first maximum; k = 1 gives 1);
+    threshold: #{s_i > threshold}; ratio: argmax_i s'_i / s'_{i+1} + 1 if that
+    ratio > min_ratio else k, with x / 0 = inf, 0 / 0 = 1. s' = max(s, rtol * s_0)
+    (the noise floor); a zero matrix gives rank 0 (gap and ratio)."""
+    s = s.to(torch.float64)
+    B, k = s.shape
+    if rule == "threshold":
+        thr = torch.as_tensor(threshold, dtype=torch.float64).reshape(-1, 1)
+        return (s > thr).sum(1).to(torch.int64)
+    sp = torch.maximum(s, rtol * s[:, :1])
+    zero = sp[:, 0] == 0
+    if k == 1:
+        rank = torch.ones(B, dtype=torch.int64)
+    elif rule == "gap":
+        rank = torch.argmax(sp[:, :-1] - sp[:, 1:], dim=1) + 1
+    elif rule == "ratio":
+        num, den = sp[:, :-1], sp[:, 1:]
+        ratio = torch.where(den > 0, num / den.clamp_min(1e-300),
+                            torch.where(num > 0, torch.full_like(num, math.inf), torch.ones_like(num)))
+        best, arg = ratio.max(dim=1)
+        rank = torch.where(best > min_ratio, arg + 1, torch.full_like(arg, k))
+    else:
+        raise ValueError(f"unknown rule {rule!r}")
+    return torch.where(zero, torch.zeros_like(rank), rank)
+
+
+def svd_rank(A: torch.Tensor, threshold=None, rule: str = "gap", min_ratio: float = 3.0,
+             rtol: float | None = None):
+    """(ranks [B], singular values [B, k] float64) of A [B, m, n] by a float64
+    SVD; rtol defaults to max(m, n) * eps (float32 eps unless A is float64)."""
+    B, m, n = A.shape
+    if rtol is None:
+        eps = torch.finfo(torch.float64 if A.dtype == torch.float64 else torch.float32).eps
+        rtol = min(max(m, n) * eps, 0.5)
+    s = torch.linalg.svdvals(A.to(torch.float64))
+    return rank_from_singular_values(s, rule, threshold, min_ratio, rtol), s
