@@ -91,6 +91,7 @@ def _toy_ddpm():
 
 
 TOY_MODELS: dict[str, Callable[[], Any]] = {"toy-ddpm": _toy_ddpm}
+_TOY_SIZES = {"toy-ddpm": 32}
 
 
 def _fingerprint(pipe) -> str:
@@ -111,6 +112,29 @@ def _fingerprint(pipe) -> str:
                 h.update(f"{pname}{tuple(t.shape)}".encode())
                 h.update(sample.round(4).tobytes())
     return h.hexdigest()[:16]
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def native_image_size(spec: str) -> int | None:
+    """The pixel resolution of MODEL without loading it (from the configs); None
+    when it cannot be read, in which case :func:`load_model` reports the problem."""
+    if spec in TOY_MODELS:
+        return _TOY_SIZES[spec]
+    unet = _read_json(os.path.join(spec, "unet", "config.json"))
+    if not unet or "sample_size" not in unet:
+        return None
+    sample = unet["sample_size"]
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    vae = _read_json(os.path.join(spec, "vae", "config.json"))
+    factor = 2 ** (len(vae["block_out_channels"]) - 1) if vae and "block_out_channels" in vae else 1
+    return int(sample) * factor
 
 
 def load_model(spec: str, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:

@@ -21,6 +21,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -29,7 +30,7 @@ import torch
 
 from .. import __version__
 from .errors import UserError
-from .metrics import MetricBatch, MetricContext, as_values, load_plugins, resolve_metrics
+from .metrics import MetricBatch, MetricContext, as_values, available_metrics, load_plugins, resolve_metrics
 from .sources import decode_image, open_source, sample_id
 from .writer import (MANIFEST, PartWriter, merge, read_manifest, read_resume_state, write_json_atomic)
 
@@ -368,32 +369,8 @@ def _default_workers(world_local: int) -> int:
     return max(1, min(8, _cpus() // max(1, world_local) - 1))
 
 
-def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
-    """Run a scan as configured. Raises :class:`UserError` for bad inputs and
-    :class:`ScanFailed` when the metrics cannot be computed; returns this
-    process's :class:`ScanStats` (``interrupted`` set after Ctrl-C / SIGTERM)."""
-    t_start = time.monotonic()
-    rank, world, local_rank = _dist_env()
-    prefix = f"[rank {rank}] " if world > 1 else ""
-
-    def say(msg, *, always=False):
-        if always or (not cfg.quiet and rank == 0):
-            print(f"{prefix}{msg}", file=sys.stderr, flush=True)
-
-    log = log or (lambda msg: say(msg, always=not cfg.quiet))
-
-    # ---- arguments (cheap checks before anything is loaded)
-    if cfg.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {cfg.batch_size}")
-    if not (0 < cfg.t0 <= 1):
-        raise UserError(f"--t0 must be in (0, 1], got {cfg.t0}")
-    if cfg.n_probes < 1:
-        raise UserError(f"--n-probes must be at least 1, got {cfg.n_probes}")
-    if cfg.image_size is not None and cfg.image_size < 8:
-        raise UserError(f"--image-size must be at least 8, got {cfg.image_size}")
+def _select_metrics(cfg: ScanConfig):
     load_plugins(cfg.plugins)
-    from .metrics import available_metrics
-
     names = cfg.metrics
     if not names:
         registered = available_metrics()
@@ -405,25 +382,106 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
     needs_model = [m.name for m in metrics if m.needs_model]
     if needs_model and not cfg.model:
         raise UserError(f"metric(s) {', '.join(needs_model)} need a model: pass --model")
+    return metrics, bool(needs_model)
 
-    from .loader import load_model, parse_dtype, resolve_device
+
+def _check_args(cfg: ScanConfig) -> None:
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if not (0 < cfg.t0 <= 1):
+        raise UserError(f"--t0 must be in (0, 1], got {cfg.t0}")
+    if cfg.n_probes < 1:
+        raise UserError(f"--n-probes must be at least 1, got {cfg.n_probes}")
+    if cfg.image_size is not None and cfg.image_size < 8:
+        raise UserError(f"--image-size must be at least 8, got {cfg.image_size}")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {cfg.workers}")
+
+
+def _agree_on_manifest(cfg, manifest, dist, rank, world) -> None:
+    """Every rank must see the same source; rank 0 checks the directory's manifest
+    against this scan (a resumed scan must have the same settings) and writes it."""
+    fps = dist.gather(manifest["source"]["fingerprint"])
+    if len(set(fps)) != 1:
+        raise UserError("the torchrun ranks see different data (source fingerprints differ); "
+                        "every rank must read the same files")
+    problem = None
+    if rank == 0:
+        try:
+            os.makedirs(cfg.out, exist_ok=True)
+            old = read_manifest(cfg.out)
+            if old is not None:
+                _check_manifest(cfg.out, manifest, old)
+            write_json_atomic({**manifest, "world_size": world}, os.path.join(cfg.out, MANIFEST))
+        except (UserError, OSError) as exc:
+            problem = str(exc)
+    problem = dist.gather(problem)[0]
+    if problem:
+        raise UserError(problem)
+
+
+def _load(cfg, metrics, device, dtype):
+    from .loader import load_model
+
+    model = load_model(cfg.model, device=device, dtype=dtype)
+    cond = [m.name for m in metrics if m.needs_conditional_model]
+    if cond and not model.conditional:
+        raise UserError(f"metric(s) {', '.join(cond)} need a text-conditioned model; "
+                        f"{cfg.model} ({model.class_name}) is unconditional")
+    return model
+
+
+def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
+    """Run a scan as configured. Raises :class:`UserError` for bad inputs and
+    :class:`ScanFailed` when the metrics cannot be computed; returns this
+    process's :class:`ScanStats` (``interrupted`` set after Ctrl-C / SIGTERM)."""
+    t_start = time.monotonic()
+    rank, world, local_rank = _dist_env()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    prefix = f"[rank {rank}] " if world > 1 else ""
+
+    def say(msg, *, always=False):
+        if always or (not cfg.quiet and rank == 0):
+            print(f"{prefix}{msg}", file=sys.stderr, flush=True)
+
+    log = log or (lambda msg: say(msg, always=not cfg.quiet))
+
+    _check_args(cfg)
+    metrics, needs_model = _select_metrics(cfg)
+    from .loader import native_image_size, parse_dtype, resolve_device
 
     device = resolve_device(cfg.device, local_rank)
+    dtype = parse_dtype(cfg.dtype, device) if needs_model else None
+    image_size = cfg.image_size or (native_image_size(cfg.model) if needs_model else None)
+    model = None
+    if needs_model and image_size is None:  # the configs do not tell: load first, then read images
+        model = _load(cfg, metrics, device, dtype)
+        image_size = model.image_size
     source = open_source(cfg.data, unit_size=cfg.unit_size, limit=cfg.limit, image_column=cfg.image_column,
                          caption_column=cfg.caption_column, key_column=cfg.key_column)
-    model, dtype = None, None
-    if needs_model:
-        dtype = parse_dtype(cfg.dtype, device)
-        model = load_model(cfg.model, device=device, dtype=dtype)
-        cond = [m.name for m in metrics if m.needs_conditional_model]
-        if cond and not model.conditional:
-            raise UserError(f"metric(s) {', '.join(cond)} need a text-conditioned model; "
-                            f"{cfg.model} ({model.class_name}) is unconditional")
-    image_size = cfg.image_size or (model.image_size if model is not None else None)
-
     dist = _Dist(rank, world, cfg.dist_timeout)
+    threads = torch.get_num_threads()
+    loader_it = None
     try:
-        # ---- manifest: every rank must see the same source; rank 0 owns the file
+        # ---- what is left to do; the decoding workers start now, so that their start-up
+        # and first batches overlap the model loading (and fork before CUDA is initialised)
+        mine = {u.index for u in source.units[rank::world]}
+        resume = read_resume_state(cfg.out, mine)
+        todo = [u for u in source.units if u.index in mine and u.index not in resume.complete_units]
+        workers = min(_default_workers(local_world) if cfg.workers is None else cfg.workers, len(todo))
+        if device.type == "cpu" and workers and "OMP_NUM_THREADS" not in os.environ:
+            # Model threads and decoding workers share the cores: oversubscribed
+            # OpenMP threads spin and can slow the model several-fold.
+            torch.set_num_threads(max(1, min(threads, _cpus() // max(1, local_world) - workers)))
+        ds = _UnitDataset(source, todo, resume.done_positions, cfg.batch_size, image_size)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
+                                             worker_init_fn=_worker_init if workers else None,
+                                             prefetch_factor=4 if workers else None,
+                                             pin_memory=device.type == "cuda")
+        loader_it = iter(loader)
+
+        if needs_model and model is None:
+            model = _load(cfg, metrics, device, dtype)
         manifest = {"version": __version__, "source": {"spec": cfg.data, "kind": source.kind,
                                                        "fingerprint": source.fingerprint(),
                                                        "num_samples": source.num_samples,
@@ -432,27 +490,8 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
                     "settings": _settings(cfg, metrics, image_size, dtype), "units": len(source.units),
                     "metrics": {m.name: {"lower_is_memorized": m.lower_is_memorized, "dtype": m.dtype,
                                          "description": m.description} for m in metrics}}
-        fps = dist.gather(source.fingerprint())
-        if len(set(fps)) != 1:
-            raise UserError("the torchrun ranks see different data (source fingerprints differ); "
-                            "every rank must read the same files")
-        problem = None
-        if rank == 0:
-            try:
-                os.makedirs(cfg.out, exist_ok=True)
-                old = read_manifest(cfg.out)
-                if old is not None:
-                    _check_manifest(cfg.out, manifest, old)
-                write_json_atomic({**manifest, "world_size": world}, os.path.join(cfg.out, MANIFEST))
-            except (UserError, OSError) as exc:
-                problem = str(exc)
-        problem = dist.gather(problem)[0]
-        if problem:
-            raise UserError(problem)
+        _agree_on_manifest(cfg, manifest, dist, rank, world)
 
-        mine = {u.index for u in source.units[rank::world]}
-        resume = read_resume_state(cfg.out, mine)
-        todo = [u for u in source.units if u.index in mine and u.index not in resume.complete_units]
         stats = ScanStats(rank=rank, world_size=world, skipped_units=len(mine) - len(todo))
         total = None
         if all(u.size is not None for u in todo):
@@ -468,20 +507,6 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
         computer = _Computer(metrics, ctx, cfg.batch_size, dtype or torch.float32, log)
         writer = PartWriter(cfg.out, {m.name: m.dtype for m in metrics}, manifest, next_seq=resume.next_seq,
                             part_rows=cfg.part_rows, flush_seconds=cfg.flush_seconds, rank=rank, world_size=world)
-        workers = _default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if cfg.workers is None \
-            else cfg.workers
-        workers = min(workers, len(todo))
-        threads = torch.get_num_threads()
-        if device.type == "cpu" and workers and "OMP_NUM_THREADS" not in os.environ:
-            # Model threads and decoding workers share the cores: oversubscribed
-            # OpenMP threads spin and can slow the model several-fold.
-            per_proc = _cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-            torch.set_num_threads(max(1, min(threads, per_proc - workers)))
-        ds = _UnitDataset(source, todo, resume.done_positions, cfg.batch_size, image_size)
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
-                                             worker_init_fn=_worker_init if workers else None,
-                                             prefetch_factor=4 if workers else None,
-                                             pin_memory=device.type == "cuda")
         mode = cfg.progress
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "log"
@@ -499,14 +524,12 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
                   file=sys.stderr, flush=True)
 
         handlers = {}
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 handlers[sig] = signal.signal(sig, _on_signal)
+        t_loop = time.monotonic()
         try:
-            t_loop = time.monotonic()
-            for lb in loader:
+            for lb in loader_it:
                 values, errors = computer(lb)
                 rows = {"key": lb["keys"], "source": lb["locations"], "caption": lb["captions"],
                         "width": lb["widths"], "height": lb["heights"], "error": errors, "_pos": lb["positions"],
@@ -521,13 +544,12 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
                 if stop["flag"]:
                     stats.interrupted = True
                     break
-            del loader
         finally:
-            torch.set_num_threads(threads)
             writer.close()
             progress.close()
             for sig, h in handlers.items():
                 signal.signal(sig, h)
+        loader_it = None  # stops the workers
         stats.wall_seconds = time.monotonic() - t_start
         stats.metric_seconds = dict(computer.seconds)
         stats.metric_images = dict(computer.images)
@@ -548,6 +570,8 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
         dist.gather(None)  # keep every rank alive until the merge is written
         return stats
     finally:
+        loader_it = None
+        torch.set_num_threads(threads)
         dist.close()
 
 
