@@ -195,7 +195,8 @@ def test_merge_command_dedups_and_reports_incomplete(tmp_path, capsys):
     assert main(["merge", str(out)]) == 0
     rows = _rows(out)
     assert [r["key"] for r in rows] == [f"img{i:03d}.png" for i in range(10)]
-    assert "10 rows" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "10 rows" in err and "note: 4 rows were present twice" in err
     os.unlink(parts[-1][2])  # the last unit is missing now
     for extra in out.glob("part-u0000000-s0007.parquet"):
         os.unlink(extra)
@@ -206,3 +207,22 @@ def test_merge_command_dedups_and_reports_incomplete(tmp_path, capsys):
     os.makedirs(tmp_path / "nothing")
     assert main(["merge", str(tmp_path / "nothing")]) == 2
     assert "holds no result parts" in capsys.readouterr().err
+
+
+def test_progress_bar_and_metrics_listing(tmp_path, capsys):
+    make_folder(tmp_path / "imgs", n=4)
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", "--progress", "bar", metrics="mean_px", model=None)
+    assert rc == 0 and "4/4" in err and "img/s" in err  # tqdm's bar with the count and rate
+    assert main(["metrics", "--plugin", PLUGIN]) == 0
+    listing = capsys.readouterr().out
+    line = next(x for x in listing.splitlines() if x.startswith("eps_norm"))
+    assert "needs: model" in line and "low = memorized" in line
+
+
+def test_removed_manifest_is_recovered_from_the_parts(tmp_path, capsys):
+    make_folder(tmp_path / "imgs", n=4)
+    out = tmp_path / "out"
+    assert _scan(capsys, tmp_path / "imgs", out, metrics="mean_px", model=None)[0] == 0
+    os.unlink(out / "scan.json")
+    rc, err = _scan(capsys, tmp_path / "imgs", out, "--seed", "3", metrics="mean_px", model=None)
+    assert rc == 2 and "other settings" in err

@@ -68,8 +68,10 @@ def _cmd_scan(args) -> int:
 def _cmd_merge(args) -> int:
     from .writer import merge
 
-    s = merge(args.dir, quiet=args.quiet)
+    s = merge(args.dir)
     if not args.quiet:
+        for note in s["notes"]:
+            print(f"note: {note}", file=sys.stderr)
         state = "complete" if s["complete"] else (
             f"INCOMPLETE: {s['units_complete']}/{s['units_total'] if s['units_total'] is not None else '?'} units")
         print(f"{s['path']}: {s['rows']} rows, {s['errors']} with errors ({state})", file=sys.stderr)

@@ -222,6 +222,17 @@ def _fmt(v, digits=4):
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
+def _float_column(col, name):
+    """A numeric column as float64 with NaN for nulls."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        return pc.fill_null(col.cast(pa.float64()), float("nan")).to_numpy()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise UserError(f"column {name!r} is not numeric") from None
+
+
 def make_report(results: str, *, out: str, labels: str | None = None, fmt: str = "html",
                 positive: str | None = None, top: int = 16, lid_metric: str | None = None) -> str:
     """Write the figures and the page; returns the page's path."""
@@ -238,8 +249,7 @@ def make_report(results: str, *, out: str, labels: str | None = None, fmt: str =
         raise UserError(f"{results!r} has no metric columns")
     lower = {n: bool(mmeta.get(n, {}).get("lower_is_memorized", True)) for n in metrics}
     keys = [str(k) for k in table.column("key").to_pylist()]
-    cols = {n: np.array([np.nan if v is None else float(v) for v in table.column(n).to_pylist()])
-            for n in metrics}
+    cols = {n: _float_column(table.column(n), n) for n in metrics}
 
     groups, pos_classes, label_note = {}, None, None
     if labels:

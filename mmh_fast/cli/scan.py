@@ -32,7 +32,8 @@ from .. import __version__
 from .errors import UserError
 from .metrics import MetricBatch, MetricContext, as_values, available_metrics, load_plugins, resolve_metrics
 from .sources import decode_image, open_source, sample_id
-from .writer import (MANIFEST, PartWriter, merge, read_manifest, read_resume_state, write_json_atomic)
+from .writer import (MANIFEST, PartWriter, merge, part_files, read_manifest, read_resume_state, table_metadata,
+                     write_json_atomic)
 
 __all__ = ["ScanConfig", "ScanStats", "run_scan", "DEFAULT_METRICS"]
 
@@ -410,6 +411,9 @@ def _agree_on_manifest(cfg, manifest, dist, rank, world) -> None:
         try:
             os.makedirs(cfg.out, exist_ok=True)
             old = read_manifest(cfg.out)
+            if old is None:  # the manifest was removed: the parts carry a copy of it
+                parts = part_files(cfg.out)
+                old = table_metadata(parts[0][2]) if parts else None
             if old is not None:
                 _check_manifest(cfg.out, manifest, old)
             write_json_atomic({**manifest, "world_size": world}, os.path.join(cfg.out, MANIFEST))
@@ -563,8 +567,9 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
         if any(s["interrupted"] for s in all_stats):
             return stats
         if rank == 0 and cfg.merge:
-            stats.merged = merge(cfg.out, quiet=cfg.quiet)
-            m = stats.merged
+            stats.merged = m = merge(cfg.out)
+            for note in m["notes"]:
+                say(f"note: {note}")
             say(f"results: {m['path']} ({m['rows']} rows, {m['errors']} with errors"
                 + ("" if m["complete"] else f"; INCOMPLETE: {m['units_complete']}/{m['units_total']} units") + ")")
         dist.gather(None)  # keep every rank alive until the merge is written

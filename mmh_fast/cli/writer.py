@@ -28,7 +28,6 @@ import json
 import os
 import re
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -230,11 +229,11 @@ class PartWriter:
             self.flush(unit, complete=False)
 
 
-def merge(out_dir: str, *, quiet: bool = False) -> dict:
+def merge(out_dir: str) -> dict:
     """Merge the parts of ``out_dir`` into ``results.parquet`` (atomically).
 
     Returns a summary: rows, errors, duplicates dropped, units complete/total,
-    whether the scan is complete, the path."""
+    whether the scan is complete, the path, and ``notes`` worth telling the user."""
     if not os.path.isdir(out_dir):
         raise UserError(f"{out_dir!r} is not a directory")
     parts = part_files(out_dir)
@@ -282,6 +281,7 @@ def merge(out_dir: str, *, quiet: bool = False) -> dict:
             if k in manifest:
                 meta[k] = manifest[k]
     meta["merge"] = {k: v for k, v in summary.items() if k != "path"}
+    summary["notes"] = []
     table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
     write_table_atomic(table, summary["path"])
     for tmp in glob.glob(os.path.join(out_dir, ".part-*.tmp.*")):
@@ -291,9 +291,10 @@ def merge(out_dir: str, *, quiet: bool = False) -> dict:
             os.unlink(tmp)
         except OSError:
             pass
-    if not quiet:
-        if dropped:
-            warnings.warn(f"{dropped} rows were present twice in the parts of {out_dir}; kept one of each")
-        if dup_keys:
-            warnings.warn(f"the source has {dup_keys} duplicated keys; their rows differ by 'source'")
+    notes = []
+    if dropped:
+        notes.append(f"{dropped} rows were present twice in the parts of {out_dir}; kept one of each")
+    if dup_keys:
+        notes.append(f"the source has {dup_keys} duplicated keys; their rows differ by 'source'")
+    summary["notes"] = notes
     return summary
