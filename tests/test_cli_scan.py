@@ -226,3 +226,21 @@ def test_removed_manifest_is_recovered_from_the_parts(tmp_path, capsys):
     os.unlink(out / "scan.json")
     rc, err = _scan(capsys, tmp_path / "imgs", out, "--seed", "3", metrics="mean_px", model=None)
     assert rc == 2 and "other settings" in err
+
+
+def test_local_pipeline_directory_loads_offline(tmp_path, capsys, toy_unet):
+    from mmh_fast.cli.loader import load_model, native_image_size
+
+    pipe = load_model("toy-ddpm", device=torch.device("cpu"), dtype=torch.float32).pipeline
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert native_image_size(str(tmp_path / "pipe")) == 32
+    good = make_folder(tmp_path / "imgs", n=3)
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", metrics="eps_norm", model=str(tmp_path / "pipe"))
+    assert rc == 0, err
+    for r in _rows(tmp_path / "out"):
+        assert r["eps_norm"] == pytest.approx(_eps_norm(toy_unet, good[r["key"]]), rel=1e-4)
+    meta = json.loads((tmp_path / "out" / "scan.json").read_text())
+    assert meta["model"]["class"] == "DDPMPipeline" and meta["model"]["kind"] == "pipeline"
+    # the same weights give the same fingerprint, whichever way they were loaded
+    assert meta["model"]["fingerprint"] == load_model("toy-ddpm", device=torch.device("cpu"),
+                                                      dtype=torch.float32).fingerprint
