@@ -28,7 +28,8 @@ import torch
 
 from .models.schedules import Schedule, make_schedule
 
-__all__ = ["GaussianMixtureEps", "EmpiricalEps", "DenoiserOutput"]
+__all__ = ["GaussianMixtureEps", "EmpiricalEps", "DenoiserOutput", "tiny_unet2d", "tiny_unet2d_condition",
+           "tiny_ddpm_pipeline", "tiny_stable_diffusion_pipeline", "write_tiny_clip_tokenizer"]
 
 
 @dataclass
@@ -234,3 +235,132 @@ class EmpiricalEps(_ClosedForm):
         var = psi**2 * self.bandwidth**2 + sigma**2
         x0 = self.posterior_mean(x, psi, var)
         return sigma * (x - psi * x0) / var
+
+
+# ---------------------------------------------------------------------------
+# Tiny diffusers models and pipelines built from configs (random weights, no
+# downloads): for tests of every adapter path and for examples.
+# ---------------------------------------------------------------------------
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for raw bytes: printable
+    Latin-1 bytes stand for themselves, the others are shifted past 255."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return [out[b] for b in range(256)]
+
+
+def write_tiny_clip_tokenizer(directory, merges: Sequence[str] = ("t h", "th e</w>", "a n", "o n</w>", "i n")) -> str:
+    """Write vocab.json and merges.txt of a small byte-level CLIP BPE vocabulary
+    (every byte alone and word-final, the given merges, the two CLIP specials)
+    to ``directory``; returns the directory. Any text tokenizes (no unknowns)."""
+    import json
+    import os
+
+    os.makedirs(directory, exist_ok=True)
+    vocab: dict[str, int] = {}
+    for ch in _byte_alphabet():
+        vocab.setdefault(ch, len(vocab))
+    for ch in _byte_alphabet():
+        vocab.setdefault(ch + "</w>", len(vocab))
+    for m in merges:
+        vocab.setdefault(m.replace(" ", ""), len(vocab))
+    vocab.setdefault("<|startoftext|>", len(vocab))
+    vocab.setdefault("<|endoftext|>", len(vocab))
+    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    return str(directory)
+
+
+def tiny_unet2d(*, sample_size: int = 8, in_channels: int = 3, channels=(8, 16), attention: bool = True,
+                class_embed: int | None = None, seed: int = 0, dtype=torch.float32):
+    """A small diffusers UNet2DModel with random weights (an attention block
+    included by default, so the attention path is exercised)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    down = ("DownBlock2D", "AttnDownBlock2D" if attention else "DownBlock2D")
+    up = ("AttnUpBlock2D" if attention else "UpBlock2D", "UpBlock2D")
+    kw = {"num_class_embeds": class_embed} if class_embed else {}
+    m = UNet2DModel(sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
+                    block_out_channels=tuple(channels), layers_per_block=1, down_block_types=down,
+                    up_block_types=up, norm_num_groups=min(8, channels[0]), attention_head_dim=channels[-1] // 2,
+                    **kw)
+    return (m if dtype == torch.float32 else m.to(dtype)).eval()
+
+
+def tiny_unet2d_condition(*, sample_size: int = 8, in_channels: int = 4, channels=(16, 32),
+                          cross_attention_dim: int = 32, seed: int = 0, dtype=torch.float32):
+    """A small diffusers UNet2DConditionModel (cross-attention to
+    ``encoder_hidden_states`` [B, L, cross_attention_dim]) with random weights."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    m = UNet2DConditionModel(sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
+                             block_out_channels=tuple(channels), layers_per_block=1,
+                             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                             cross_attention_dim=cross_attention_dim, attention_head_dim=4,
+                             norm_num_groups=min(8, channels[0]))
+    return (m if dtype == torch.float32 else m.to(dtype)).eval()
+
+
+def tiny_ddpm_pipeline(*, sample_size: int = 8, in_channels: int = 3, seed: int = 0, ddim: bool = False,
+                       prediction_type: str = "epsilon"):
+    """A DDPMPipeline (or DDIMPipeline) around :func:`tiny_unet2d` with the
+    default linear-beta scheduler: pixel-space diffusion on images in [-1, 1]."""
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
+
+    unet = tiny_unet2d(sample_size=sample_size, in_channels=in_channels, seed=seed)
+    if ddim:
+        return DDIMPipeline(unet=unet, scheduler=DDIMScheduler(prediction_type=prediction_type))
+    return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(prediction_type=prediction_type))
+
+
+def tiny_stable_diffusion_pipeline(*, image_size: int = 16, seed: int = 0, prediction_type: str = "epsilon",
+                                   max_length: int = 16, hidden_size: int = 32, tokenizer_dir: str | None = None):
+    """A StableDiffusionPipeline small enough for CPU tests, built from configs.
+
+    VAE: AutoencoderKL with one downsampling (latents [B, 4, image_size/2,
+    image_size/2], scaling_factor 0.18215); text encoder: a 2-layer
+    CLIPTextModel of width ``hidden_size``; tokenizer: a byte-level CLIP BPE
+    written by :func:`write_tiny_clip_tokenizer` (to ``tokenizer_dir`` or a
+    temporary directory), ``model_max_length = max_length``; UNet:
+    :func:`tiny_unet2d_condition`; scheduler: DDIM with Stable Diffusion's
+    scaled-linear betas. Random weights, nothing downloaded.
+    """
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if image_size % 2:
+        raise ValueError(f"image_size must be even, got {image_size}")
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=image_size).eval()
+    tdir = tokenizer_dir or tempfile.mkdtemp(prefix="mmh_tiny_clip_")
+    write_tiny_clip_tokenizer(tdir)
+    tok = CLIPTokenizer.from_pretrained(tdir, model_max_length=max_length)
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_length,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed + 1)
+    text = CLIPTextModel(cfg).eval()
+    unet = tiny_unet2d_condition(sample_size=image_size // 2, in_channels=4, cross_attention_dim=hidden_size,
+                                 seed=seed + 2)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

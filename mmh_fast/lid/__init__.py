@@ -1,0 +1,2 @@
+"""LID estimators: FLIPD and the normal bundle for diffusion models."""
+from .flipd import flipd, flipd_curve  # noqa: F401
