@@ -28,7 +28,7 @@ def eps_norm(batch, ctx):
     return unet(x, t).sample.double().flatten(1).norm(dim=1)
 
 
-@register_metric("slow_px", lower_is_memorized=False)
+@register_metric("slow_px", lower_is_memorized=False, options=("sleep",))
 def slow_px(batch, ctx):
     """mean_px after a pause (seconds from the option `sleep`), to kill a scan mid-way."""
     time.sleep(float(ctx.options.get("sleep", 0.2)))

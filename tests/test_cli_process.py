@@ -70,7 +70,7 @@ def test_kill9_and_ctrl_c_then_resume_gives_every_key_once(tmp_path):
 
 def test_torchrun_two_gloo_processes_equal_one_process(tmp_path, capsys):
     make_folder(tmp_path / "imgs", n=11, corrupt=(5,))
-    args = ["scan", "--model", "toy-ddpm", "--data", str(tmp_path / "imgs"), "--metrics", "mean_px,eps_norm",
+    args = ["scan", "--model", "toy-ddpm", "--data", str(tmp_path / "imgs"), "--metrics", "mean_px,flipd",
             "--plugin", PLUGIN, "--batch-size", "2", "--unit-size", "2", "--workers", "1", "--device", "cpu"]
     r = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "mmh_fast", *args, "--out",
                         str(tmp_path / "two")], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -105,6 +105,10 @@ def test_exit_codes_and_readable_errors(tmp_path, capsys):
         (base + ["--data", str(tmp_path / "imgs"), "--metrics", "eps_norm"], "need a model: pass --model"),
         (base + ["--data", str(tmp_path / "imgs"), "--metrics", "mean_px", "--t0", "2"], "--t0 must be in (0, 1]"),
         (base + ["--data", str(tmp_path / "imgs"), "--metrics", "mean_px", "--option", "x"], "NAME=VALUE"),
+        (base + ["--data", str(tmp_path / "imgs"), "--metrics", "mean_px", "--option", "sleep=1"],
+         "not an option of the selected metrics"),
+        (base + ["--data", str(tmp_path / "imgs"), "--metrics", "flipd_cond", "--model", "toy-ddpm"],
+         "need a text-conditioned model"),
         (["report", str(tmp_path / "nothing.parquet"), "--out", str(tmp_path / "r")], "does not exist"),
     ]
     for argv, message in cases:

@@ -244,3 +244,32 @@ def test_local_pipeline_directory_loads_offline(tmp_path, capsys, toy_unet):
     # the same weights give the same fingerprint, whichever way they were loaded
     assert meta["model"]["fingerprint"] == load_model("toy-ddpm", device=torch.device("cpu"),
                                                       dtype=torch.float32).fingerprint
+
+
+def _library_flipd(model_name, good, keys, **kw):
+    from mmh_fast import flipd
+    from mmh_fast.cli.loader import load_model
+    from mmh_fast.cli.sources import sample_id
+
+    pipe = load_model(model_name, device=torch.device("cpu"), dtype=torch.float32).pipeline
+    x = torch.from_numpy(np.stack([good[k] for k in keys])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    ids = torch.tensor([sample_id(k) for k in keys])
+    return flipd(pipe, x, 0.01, n_probes=2, seed=5, sample_ids=ids, **kw).double().numpy()
+
+
+@pytest.mark.parametrize("model", ["toy-ddpm", "toy-sd"])
+def test_flipd_metrics_equal_the_library_on_the_same_images(tmp_path, capsys, model):
+    good = make_folder(tmp_path / "imgs", n=5)
+    metrics = "flipd" if model == "toy-ddpm" else "flipd,flipd_cond"
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", "--batch-size", "2", "--n-probes", "2",
+                    "--seed", "5", metrics=metrics, model=model)
+    assert rc == 0, err
+    rows = _rows(tmp_path / "out")
+    keys = [r["key"] for r in rows]
+    # the library on all images at once: per-sample probe keys make batching irrelevant
+    ref = _library_flipd(model, good, keys, cond="" if model == "toy-sd" else None)
+    np.testing.assert_allclose([r["flipd"] for r in rows], ref, rtol=1e-4, atol=1e-3)
+    if model == "toy-sd":
+        ref_c = _library_flipd(model, good, keys, cond=[r["caption"] for r in rows])
+        np.testing.assert_allclose([r["flipd_cond"] for r in rows], ref_c, rtol=1e-4, atol=1e-3)
+        assert not np.allclose(ref, ref_c)  # the caption matters

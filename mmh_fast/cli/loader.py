@@ -11,10 +11,14 @@ Built-in toy models are random-initialised from a fixed seed (the same weights
 in every process and rank), for trying the command line without weights:
 
 * ``toy-ddpm``: an unconditional DDPMPipeline with a small UNet2DModel on
-  32 x 32 RGB images.
+  32 x 32 RGB images (:func:`mmh_fast.testing.tiny_ddpm_pipeline`);
+* ``toy-sd``: a tiny StableDiffusionPipeline (VAE, CLIP text encoder, conditional
+  UNet) on 32 x 32 images, 16 x 16 latents
+  (:func:`mmh_fast.testing.tiny_stable_diffusion_pipeline`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -82,16 +86,23 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
 
 
 def _toy_ddpm():
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from ..testing import tiny_ddpm_pipeline
 
-    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(16, 32),
-                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8)
-    return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
+    return tiny_ddpm_pipeline(sample_size=32, seed=0)
 
 
-TOY_MODELS: dict[str, Callable[[], Any]] = {"toy-ddpm": _toy_ddpm}
-_TOY_SIZES = {"toy-ddpm": 32}
+def _toy_sd():
+    import tempfile
+
+    from ..testing import tiny_stable_diffusion_pipeline
+
+    # The tokenizer reads its files when built: a private directory, removed after.
+    with tempfile.TemporaryDirectory(prefix="mmh_toy_clip_") as d:
+        return tiny_stable_diffusion_pipeline(image_size=32, seed=0, tokenizer_dir=d)
+
+
+TOY_MODELS: dict[str, Callable[[], Any]] = {"toy-ddpm": _toy_ddpm, "toy-sd": _toy_sd}
+_TOY_SIZES = {"toy-ddpm": 32, "toy-sd": 32}
 
 
 def _fingerprint(pipe) -> str:
@@ -102,7 +113,8 @@ def _fingerprint(pipe) -> str:
         comp = getattr(pipe, name, None)
         cfg = getattr(comp, "config", None)
         if cfg is not None:
-            public = {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
+            cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)  # transformers / diffusers configs
+            public = {k: v for k, v in cfg.items() if not k.startswith("_")}
             h.update(name.encode())
             h.update(json.dumps(public, sort_keys=True, default=str).encode())
         if isinstance(comp, torch.nn.Module):
@@ -137,8 +149,30 @@ def native_image_size(spec: str) -> int | None:
     return int(sample) * factor
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers logs warnings about optional packages (torchvision) when the
+    diffusers pipelines import it; they are noise on a scan's console."""
+    try:
+        from transformers.utils import logging as tlog
+    except ImportError:
+        yield
+        return
+    level = tlog.get_verbosity()
+    tlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+
+
 def load_model(spec: str, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """Load MODEL (a pipeline directory or a toy name) onto ``device`` in ``dtype``."""
+    with _quiet_transformers():
+        return _load_model(spec, device=device, dtype=dtype)
+
+
+def _load_model(spec: str, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     if spec in TOY_MODELS:
         # The toy's weights come from a fixed seed, without touching the caller's RNG.
         with torch.random.fork_rng(devices=[]):

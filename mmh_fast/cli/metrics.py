@@ -48,6 +48,7 @@ class Metric:
     lower_is_memorized: bool = True
     dtype: str = "float64"
     description: str = ""
+    options: tuple = ()
 
 
 @dataclass
@@ -59,7 +60,8 @@ class MetricBatch:
         keys: the samples' keys; ``sample_ids`` int64 tensor [B] derived from them
             (the per-sample seeds of randomized estimators).
         captions: list of str (None where the source has no caption).
-        device, dtype: where and in which precision :attr:`images` lives.
+        device: where :attr:`images` lives; ``dtype``: the model's precision (for
+            metrics that feed the network directly; estimators cast themselves).
     """
 
     pixels: torch.Tensor
@@ -75,10 +77,10 @@ class MetricBatch:
 
     @property
     def images(self) -> torch.Tensor:
-        """float tensor [B, 3, H, W] in [-1, 1] on ``device`` (the diffusers convention)."""
+        """float32 tensor [B, 3, H, W] in [-1, 1] on ``device`` (the diffusers convention)."""
         if self._images is None:
             x = self.pixels.to(self.device, non_blocking=True)
-            self._images = (x.to(torch.float32) / 127.5 - 1.0).to(self.dtype)
+            self._images = x.to(torch.float32) / 127.5 - 1.0
         return self._images
 
     def subset(self, idx: Sequence[int]) -> "MetricBatch":
@@ -115,7 +117,7 @@ _REGISTRY: dict[str, Metric] = {}
 def register_metric(name: str, fn: Callable | None = None, *, needs_model: bool = False,
                     needs_captions: bool = False, needs_conditional_model: bool = False,
                     lower_is_memorized: bool = True, dtype: str = "float64", description: str = "",
-                    overwrite: bool = False):
+                    options: Sequence[str] = (), overwrite: bool = False):
     """Register ``fn`` as metric ``name`` (usable as a decorator when ``fn`` is omitted).
 
     Args:
@@ -125,6 +127,8 @@ def register_metric(name: str, fn: Callable | None = None, *, needs_model: bool 
         needs_conditional_model: the model must be text-conditioned (Stable Diffusion).
         lower_is_memorized: low values flag memorization (LID); False for scores.
         dtype: "float64" or "int64", the Parquet column type.
+        options: names of the ``--option NAME=VALUE`` settings the metric reads from
+            ``ctx.options`` (a scan refuses options no selected metric reads).
         overwrite: replace an existing registration instead of raising ValueError.
     """
     if not isinstance(name, str) or not name.replace("_", "").isalnum() or name[0].isdigit():
@@ -139,7 +143,7 @@ def register_metric(name: str, fn: Callable | None = None, *, needs_model: bool 
             raise ValueError(f"metric {name!r} is already registered (pass overwrite=True to replace it)")
         _REGISTRY[name] = Metric(name, f, needs_model, needs_captions or needs_conditional_model,
                                  needs_conditional_model, lower_is_memorized, dtype,
-                                 description or (f.__doc__ or "").strip().split("\n")[0])
+                                 description or (f.__doc__ or "").strip().split("\n")[0], tuple(options))
         return f
 
     return deco if fn is None else deco(fn)
@@ -209,5 +213,29 @@ def as_values(out, n: int, name: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- built-in metrics
-# Entries are added here as the estimators land: each calls the library's
-# public estimator with the scan's options.
+# Each calls the library's public estimator with the scan's options. Per-sample
+# ids from the keys make randomized estimates independent of batching and ranks.
+_FLIPD_OPTIONS = ("trace", "method", "probe", "guidance_scale")
+
+
+def _pick(options: dict, names) -> dict:
+    return {k: options[k] for k in names if k in options}
+
+
+@register_metric("flipd", needs_model=True, options=_FLIPD_OPTIONS,
+                 description="FLIPD LID_theta(x) at t0 (Eq. 6); unconditional (empty prompt) for text models")
+def _flipd(batch, ctx):
+    from .. import flipd
+
+    cond = "" if ctx.model.conditional else None
+    return flipd(ctx.model.pipeline, batch.images, ctx.t0, cond=cond, n_probes=ctx.n_probes, seed=ctx.seed,
+                 sample_ids=batch.sample_ids, **_pick(ctx.options, ("trace", "method", "probe")))
+
+
+@register_metric("flipd_cond", needs_model=True, needs_conditional_model=True, options=_FLIPD_OPTIONS,
+                 description="FLIPD LID_theta(x | caption) at t0 (Sec. 4.1); CFG score with guidance_scale (Eq. 26)")
+def _flipd_cond(batch, ctx):
+    from .. import flipd
+
+    return flipd(ctx.model.pipeline, batch.images, ctx.t0, cond=list(batch.captions), n_probes=ctx.n_probes,
+                 seed=ctx.seed, sample_ids=batch.sample_ids, **_pick(ctx.options, _FLIPD_OPTIONS))

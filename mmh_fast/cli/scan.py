@@ -380,6 +380,11 @@ def _select_metrics(cfg: ScanConfig):
             raise UserError("no default metric is available; name them with --metrics "
                             f"(registered: {', '.join(registered) or 'none'})")
     metrics = resolve_metrics(names)
+    read = {o for m in metrics for o in m.options}
+    unused = sorted(set(cfg.options) - read)
+    if unused:
+        raise UserError(f"--option {', '.join(unused)}: not an option of the selected metrics "
+                        f"({', '.join(m.name for m in metrics)}; they read: {', '.join(sorted(read)) or 'none'})")
     needs_model = [m.name for m in metrics if m.needs_model]
     if needs_model and not cfg.model:
         raise UserError(f"metric(s) {', '.join(needs_model)} need a model: pass --model")
