@@ -251,32 +251,44 @@ class _Computer:
         start = 0
         while start < len(idx):
             chunk = idx[start:start + self.batch_size]
+            vals, oom, failed = None, False, False
             try:
                 vals = self._timed(m, base.subset(chunk))
             except Exception as exc:
-                if _is_oom(exc):
-                    if self.batch_size == 1:
-                        raise ScanFailed(f"metric {m.name}: out of memory at batch size 1 ({exc})") from None
-                    self.batch_size = max(1, self.batch_size // 2)
-                    self.log(f"out of memory in {m.name}: batch size halved to {self.batch_size}")
-                    self._empty_cache()
-                    continue
-                # Isolate the failing samples: one at a time, the rest keep their values.
-                for i in chunk:
-                    try:
-                        yield i, self._timed(m, base.subset([i]))[0], None
-                        self.ever_ok[m.name] = True
-                    except Exception as exc1:
-                        if _is_oom(exc1):
-                            raise ScanFailed(f"metric {m.name}: out of memory at batch size 1") from None
-                        yield i, None, f"{type(exc1).__name__}: {exc1}"
-                        self._note_failure(m, exc1)
-                start += len(chunk)
+                oom, failed = _is_oom(exc), not _is_oom(exc)
+            # (out of the except block: its traceback no longer pins the failed batch's tensors)
+            if oom:
+                if self.batch_size == 1:
+                    raise ScanFailed(f"metric {m.name}: out of memory at batch size 1")
+                self.batch_size = max(1, self.batch_size // 2)
+                self.log(f"out of memory in {m.name}: batch size halved to {self.batch_size}")
+                self._empty_cache()
                 continue
-            self.ever_ok[m.name] = True
-            for i, v in zip(chunk, vals):
-                yield i, (int(v) if m.dtype == "int64" else float(v)), None
+            if failed:  # isolate the failing samples: one at a time, the rest keep their values
+                for i in chunk:
+                    yield self._one(m, base, i)
+            else:
+                self.ever_ok[m.name] = True
+                for i, v in zip(chunk, vals):
+                    yield (i, *self._convert(m, v))
             start += len(chunk)
+
+    def _one(self, m, base, i):
+        try:
+            v = self._timed(m, base.subset([i]))[0]
+        except Exception as exc:
+            if _is_oom(exc):
+                raise ScanFailed(f"metric {m.name}: out of memory at batch size 1") from None
+            self._note_failure(m, exc)
+            return i, None, f"{type(exc).__name__}: {exc}"
+        self.ever_ok[m.name] = True
+        return (i, *self._convert(m, v))
+
+    @staticmethod
+    def _convert(m, v):
+        if m.dtype == "int64":
+            return (int(v), None) if np.isfinite(v) else (None, f"non-finite value {v} for an integer metric")
+        return float(v), None
 
     def _timed(self, m, mb):
         t = time.perf_counter()
