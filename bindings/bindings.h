@@ -5,5 +5,6 @@
 
 namespace mmh {
 void bind_hutchinson(pybind11::module_& m);
+void bind_knn(pybind11::module_& m);
 void bind_svd_rank(pybind11::module_& m);
 }  // namespace mmh

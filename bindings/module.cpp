@@ -14,5 +14,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("parallel_info", []() { return at::get_parallel_info(); });
   mmh::bind_hutchinson(m);
+  mmh::bind_knn(m);
   mmh::bind_svd_rank(m);
 }

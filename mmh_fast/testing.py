@@ -28,8 +28,9 @@ import torch
 
 from .models.schedules import Schedule, make_schedule
 
-__all__ = ["GaussianMixtureEps", "EmpiricalEps", "DenoiserOutput", "tiny_unet2d", "tiny_unet2d_condition",
-           "tiny_ddpm_pipeline", "tiny_stable_diffusion_pipeline", "write_tiny_clip_tokenizer"]
+__all__ = ["GaussianMixtureEps", "EmpiricalEps", "DenoiserOutput", "GaussianEps", "ConditionalEmpiricalEps",
+           "tiny_unet2d", "tiny_unet2d_condition", "tiny_ddpm_pipeline", "tiny_stable_diffusion_pipeline",
+           "write_tiny_clip_tokenizer"]
 
 
 @dataclass
@@ -59,13 +60,18 @@ class _ClosedForm(torch.nn.Module):
     def eps_flat(self, x: torch.Tensor, psi: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _conditioning(self, kwargs: dict, batch: int) -> dict:
+        """Keyword arguments of :meth:`eps_flat` taken from the network call
+        (none for unconditional models: extra network arguments are ignored)."""
+        return {}
+
     def forward(self, sample: torch.Tensor, timestep, *args, return_dict: bool = True, **kwargs):
         B = sample.shape[0]
         x = sample.reshape(B, -1).to(torch.float64)
         if x.shape[1] != self.dim:
             raise ValueError(f"sample has {x.shape[1]} features per item, the model has {self.dim}")
         psi, sigma = self._psi_sigma(timestep, B, sample.device)
-        eps = self.eps_flat(x, psi, sigma)
+        eps = self.eps_flat(x, psi, sigma, **self._conditioning(kwargs, B))
         if self.prediction_type == "sample":
             out = (x - sigma * eps) / psi
         elif self.prediction_type == "v_prediction":
@@ -212,8 +218,9 @@ class EmpiricalEps(_ClosedForm):
         self.bandwidth = float(bandwidth)
         self.chunk_size = int(chunk_size)
 
-    def posterior_mean(self, x, psi, var):
-        """E[x_0 | x_t] [B, d] by a streaming log-sum-exp over training chunks."""
+    def posterior_mean(self, x, psi, var, log_prior=None):
+        """E[x_0 | x_t] [B, d] by a streaming log-sum-exp over training chunks;
+        ``log_prior`` [B, N] adds log p(i | condition) to the weights."""
         B = x.shape[0]
         m = torch.full((B, 1), -math.inf, dtype=torch.float64, device=x.device)
         z = torch.zeros(B, 1, dtype=torch.float64, device=x.device)
@@ -223,6 +230,8 @@ class EmpiricalEps(_ClosedForm):
             tr = self.points[i:i + self.chunk_size]
             d2 = xsq - 2 * psi * (x @ tr.T) + psi**2 * self.points_sq[i:i + self.chunk_size][None]
             logit = -d2.clamp_min(0) / (2 * var)
+            if log_prior is not None:
+                logit = logit + log_prior[:, i:i + self.chunk_size]
             m_new = torch.maximum(m, logit.max(1, keepdim=True).values)
             scale = torch.exp(m - m_new)
             w = torch.exp(logit - m_new)
@@ -234,6 +243,112 @@ class EmpiricalEps(_ClosedForm):
     def eps_flat(self, x, psi, sigma):
         var = psi**2 * self.bandwidth**2 + sigma**2
         x0 = self.posterior_mean(x, psi, var)
+        return sigma * (x - psi * x0) / var
+
+
+class GaussianEps(_ClosedForm):
+    """A Gaussian N(mu, Sigma) with full (possibly singular) covariance and its
+    exact eps: x_t ~ N(psi mu, psi^2 Sigma + sigma^2 I), so
+    eps(x_t) = sigma (psi^2 Sigma + sigma^2 I)^-1 (x_t - psi mu), computed in
+    the eigenbasis Sigma = V diag(lam) V^T. A generalising model: fitted to a
+    data set (:meth:`fit`) it knows only the first two moments.
+
+    Args:
+        mean: [*sample_shape].
+        covariance: [d, d] symmetric positive semi-definite (eigenvalues below
+            zero from rounding are set to zero), d = prod(sample_shape).
+        scheduler, prediction_type: as :class:`GaussianMixtureEps`.
+    """
+
+    def __init__(self, mean, covariance, *, scheduler=None, prediction_type: str = "epsilon"):
+        super().__init__(scheduler, prediction_type)
+        mean = torch.as_tensor(mean, dtype=torch.float64)
+        self.sample_shape = tuple(mean.shape)
+        self.dim = int(math.prod(self.sample_shape))
+        cov = torch.as_tensor(covariance, dtype=torch.float64)
+        if cov.shape != (self.dim, self.dim):
+            raise ValueError(f"covariance must be [{self.dim}, {self.dim}] for a mean of shape {self.sample_shape}, "
+                             f"got {tuple(cov.shape)}")
+        if not bool(torch.isfinite(cov).all()) or not torch.allclose(cov, cov.T, rtol=1e-10, atol=1e-12):
+            raise ValueError("covariance must be finite and symmetric")
+        lam, V = torch.linalg.eigh((cov + cov.T) / 2)
+        tol = 1e-10 * max(float(lam.abs().max()), 1.0)
+        if float(lam.min()) < -tol:
+            raise ValueError(f"covariance must be positive semi-definite (smallest eigenvalue {float(lam.min()):.3g})")
+        self.register_buffer("mean", mean.reshape(self.dim))
+        self.register_buffer("eigenvalues", lam.clamp_min(0))
+        self.register_buffer("eigenvectors", V)
+
+    @classmethod
+    def fit(cls, data, *, scheduler=None, prediction_type: str = "epsilon"):
+        """The Gaussian with the sample mean and unbiased sample covariance
+        (1 / (N - 1)) of data [N, *sample_shape], N >= 2."""
+        x = torch.as_tensor(data, dtype=torch.float64)
+        if x.dim() < 2 or x.shape[0] < 2:
+            raise ValueError(f"data must be [N, ...] with N >= 2, got shape {tuple(x.shape)}")
+        flat = x.reshape(x.shape[0], -1)
+        mu = flat.mean(0)
+        c = flat - mu
+        return cls(mu.reshape(x.shape[1:]), c.T @ c / (x.shape[0] - 1), scheduler=scheduler,
+                   prediction_type=prediction_type)
+
+    def eps_flat(self, x, psi, sigma):
+        r = x - psi * self.mean[None]
+        p = (r @ self.eigenvectors) / (psi**2 * self.eigenvalues[None] + sigma**2)
+        return sigma * (p @ self.eigenvectors.T)
+
+
+class ConditionalEmpiricalEps(EmpiricalEps):
+    """Optimal conditional denoiser of a finite training set whose items come
+    with conditioning embeddings: a perfect memorizer of (image, embedding) pairs.
+
+    The model: i ~ uniform, x_0 = x_i, and a condition c ~ N(e_i, tau^2 I).
+    Then p(i | x_t, c) is proportional to exp(-|x_t - psi x_i|^2 / (2 (psi^2 h^2 +
+    sigma^2)) - |c - e_i|^2 / (2 tau^2)) and eps follows as for
+    :class:`EmpiricalEps` with these weights; without a condition (``None``)
+    it is the unconditional :class:`EmpiricalEps`. Perturbing c (GNI) moves
+    the weight to other training images, which is what the mitigation relies on.
+
+    Args:
+        train: [N, *sample_shape] training images.
+        embeddings: [N, ...] one embedding per image (flattened to [N, E]).
+        cond_scale: tau > 0; small values make the condition decisive.
+        bandwidth, scheduler, prediction_type, chunk_size: as :class:`EmpiricalEps`.
+        cond_key: the network keyword carrying c ([B, ...], flattened to [B, E]).
+    """
+
+    def __init__(self, train, embeddings, *, cond_scale: float = 1.0, bandwidth: float = 0.0, scheduler=None,
+                 prediction_type: str = "epsilon", chunk_size: int = 4096, cond_key: str = "encoder_hidden_states"):
+        super().__init__(train, bandwidth=bandwidth, scheduler=scheduler, prediction_type=prediction_type,
+                         chunk_size=chunk_size)
+        e = torch.as_tensor(embeddings, dtype=torch.float64)
+        if e.dim() < 1 or e.shape[0] != self.points.shape[0]:
+            raise ValueError(f"need one embedding per training image: {self.points.shape[0]} images, "
+                             f"embeddings of shape {tuple(e.shape)}")
+        if not float(cond_scale) > 0:
+            raise ValueError(f"cond_scale must be > 0, got {cond_scale}")
+        self.register_buffer("embeddings", e.reshape(e.shape[0], -1))
+        self.cond_scale = float(cond_scale)
+        self.cond_key = cond_key
+
+    def _conditioning(self, kwargs, batch):
+        c = kwargs.get(self.cond_key)
+        if c is None:
+            return {}
+        c = torch.as_tensor(c).to(torch.float64).reshape(c.shape[0], -1)
+        if c.shape[1] != self.embeddings.shape[1]:
+            raise ValueError(f"{self.cond_key} has {c.shape[1]} features per item, the embeddings {self.embeddings.shape[1]}")
+        if c.shape[0] == 1 and batch > 1:
+            c = c.expand(batch, -1)
+        return {"cond": c}
+
+    def eps_flat(self, x, psi, sigma, cond=None):
+        var = psi**2 * self.bandwidth**2 + sigma**2
+        log_prior = None
+        if cond is not None:
+            d2 = torch.cdist(cond.to(x.device), self.embeddings.to(x.device)) ** 2
+            log_prior = -d2 / (2 * self.cond_scale**2)
+        x0 = self.posterior_mean(x, psi, var, log_prior)
         return sigma * (x - psi * x0) / var
 
 

@@ -10,8 +10,8 @@ import math
 
 import torch
 
-__all__ = ["philox4x32_10", "hutchinson_probes", "hutchinson_reduce", "rank_from_singular_values",
-           "svd_rank"]
+__all__ = ["philox4x32_10", "hutchinson_probes", "hutchinson_reduce", "knn", "local_pca",
+           "local_pca_count", "rank_from_singular_values", "svd_rank"]
 
 _MASK32 = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -81,6 +81,68 @@ def hutchinson_reduce(av: torch.Tensor, sample_ids: torch.Tensor, probe_begin: i
     se = dots.std(0, unbiased=True) / math.sqrt(P) if P > 1 else torch.full((B,), float("nan"),
                                                                             dtype=torch.float64)
     return mean, se, dots
+
+
+# --- Kernel family 3: k nearest neighbours and local PCA --------------------
+
+
+def knn(data: torch.Tensor, queries: torch.Tensor | None, k: int, exclude_self: bool = True,
+        squared: bool = False):
+    """Exact kNN by brute force in float64: squared distances as sums of
+    squared differences (no GEMM form), rows sorted by (distance, index); a
+    point is not its own neighbour when ``queries`` is None and
+    ``exclude_self``. Returns (distances [M, k] in the data dtype, indices
+    [M, k] int64). Memory O(M N D) per chunk of 64 queries."""
+    x = data.to(torch.float64)
+    self_mode = queries is None
+    q = x if self_mode else queries.to(torch.float64)
+    N, M = x.shape[0], q.shape[0]
+    ds, ids = [], []
+    for r0 in range(0, M, 64):
+        qq = q[r0:r0 + 64]
+        d2 = ((qq[:, None, :] - x[None, :, :]) ** 2).sum(-1)  # [m, N]
+        if self_mode and exclude_self:
+            rows = torch.arange(qq.shape[0])
+            d2[rows, rows + r0] = float("inf")
+        # sort by index (already) then stably by distance: ties keep index order
+        order = torch.sort(d2, dim=1, stable=True).indices[:, :k]
+        ds.append(d2.gather(1, order))
+        ids.append(order)
+    d2 = torch.cat(ds) if ds else torch.empty(0, k, dtype=torch.float64)
+    idx = torch.cat(ids) if ids else torch.empty(0, k, dtype=torch.int64)
+    d = d2 if squared else d2.sqrt()
+    return d.to(data.dtype), idx
+
+
+def local_pca(data: torch.Tensor, neighbors: torch.Tensor, sizes: torch.Tensor | None = None):
+    """Explained variances [M, min(K, D)] of the neighbourhoods
+    data[neighbors[i, :n_i]] (n_i = K or sizes[i]): eigenvalues of the
+    covariance of the points centred on their mean, denominator n_i - 1,
+    descending, clamped at 0, zero-padded; all zeros when n_i < 2. float64
+    torch.linalg.eigvalsh, one neighbourhood at a time."""
+    x = data.to(torch.float64)
+    M, K = neighbors.shape
+    D = x.shape[1]
+    m = min(K, D)
+    out = torch.zeros(M, m, dtype=torch.float64)
+    for i in range(M):
+        n = K if sizes is None else int(sizes[i])
+        if n < 2:
+            continue
+        y = x[neighbors[i, :n]]
+        y = y - y.mean(0)
+        ev = torch.linalg.eigvalsh(y.T @ y / (n - 1)).flip(0).clamp_min(0)
+        r = min(n, D, m)
+        out[i, :r] = ev[:r]
+    return out.to(data.dtype)
+
+
+def local_pca_count(data: torch.Tensor, neighbors: torch.Tensor, alpha: float = 0.05):
+    """FO count per neighbourhood: #(explained variance > alpha * largest),
+    from :func:`local_pca` in float64. Returns (counts [M] int64, largest [M])."""
+    ev = local_pca(data.to(torch.float64), neighbors)
+    top = ev[:, :1]
+    return (ev > alpha * top).sum(1), top[:, 0].to(data.dtype)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,34 @@
+#include "bindings.h"
+
+#include "../csrc/cpu/knn_cpu.h"
+#include "../csrc/cpu/local_pca_cpu.h"
+#ifdef WITH_CUDA
+#include "../csrc/cuda/knn_cuda.h"
+#include "../csrc/cuda/local_pca_cuda.h"
+#endif
+
+namespace mmh {
+
+// Kernel family 3: k nearest neighbours and local PCA.
+void bind_knn(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("knn_cpu", &knn_cpu, py::arg("data"), py::arg("queries"), py::arg("k"),
+        py::arg("self_offset"), py::arg("squared"), py::arg("extra"),
+        "Exact brute-force kNN: (distances [M, k], indices [M, k] int64), ascending.");
+  m.def("local_pca_cpu", &local_pca_cpu, py::arg("data"), py::arg("neighbors"),
+        py::arg("sizes") = py::none(),
+        "Explained variances [M, min(K, D)] of each neighbourhood, descending.");
+  m.def("local_pca_count_cpu", &local_pca_count_cpu, py::arg("data"), py::arg("neighbors"),
+        py::arg("alpha"),
+        "FO count: (#variances > alpha * largest [M] int64, largest variance [M]).");
+#ifdef WITH_CUDA
+  m.def("knn_cuda", &knn_cuda, py::arg("data"), py::arg("queries"), py::arg("k"),
+        py::arg("self_offset"), py::arg("squared"), py::arg("extra"));
+  m.def("local_pca_cuda", &local_pca_cuda, py::arg("data"), py::arg("neighbors"),
+        py::arg("sizes") = py::none());
+  m.def("local_pca_count_cuda", &local_pca_count_cuda, py::arg("data"), py::arg("neighbors"),
+        py::arg("alpha"));
+#endif
+}
+
+}  // namespace mmh
