@@ -5,6 +5,8 @@ __version__ = "0.1.0"
 from ._native import backend_info  # noqa: E402
 from . import ops  # noqa: E402
 from .lid.flipd import flipd, flipd_curve  # noqa: E402
+from .lid.normal_bundle import normal_bundle  # noqa: E402
 from . import mitigations, retrieval, solidmark  # noqa: E402
 
-__all__ = ["__version__", "backend_info", "ops", "flipd", "flipd_curve", "retrieval", "solidmark", "mitigations"]
+__all__ = ["__version__", "backend_info", "ops", "flipd", "flipd_curve", "normal_bundle", "retrieval", "solidmark",
+           "mitigations"]

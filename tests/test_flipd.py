@@ -17,6 +17,9 @@ from mmh_fast.testing import (GaussianMixtureEps, tiny_ddpm_pipeline, tiny_stabl
 DDPM = DDPMScheduler()
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny networks: see conftest
+
+
 # ----------------------------------------------------------------------------- closed form
 
 
@@ -31,6 +34,35 @@ def test_exact_trace_matches_single_gaussian_closed_form(sched, pred, k, t0):
         got = mmh_fast.flipd(m, x, t0, scheduler=sched, trace="exact", method=method, prediction_type=pred)
         assert got.dtype == torch.float64 and got.shape == (2,)
         assert torch.allclose(got, torch.full_like(got, m.flipd_at_mean(0, t0)), rtol=0, atol=1e-6), (method, got)
+
+
+class _EDMNetwork(torch.nn.Module):
+    """The exact F-network of EDM's preconditioning around a closed-form mixture:
+    input c_in x, timestep log(sigma) / 4, output F with D = c_skip x + c_out F = x - sigma eps."""
+
+    def __init__(self, mixture, sigma_data=0.5):
+        super().__init__()
+        self.m, self.sd = mixture, sigma_data
+
+    def forward(self, x_in, timestep):
+        sigma = torch.exp(4 * torch.as_tensor(timestep, dtype=torch.float64)).reshape(-1, *[1] * (x_in.dim() - 1))
+        x = x_in * torch.sqrt(sigma ** 2 + self.sd ** 2)
+        eps = self.m(x, timestep).sample
+        c_skip = self.sd ** 2 / (sigma ** 2 + self.sd ** 2)
+        c_out = sigma * self.sd / torch.sqrt(sigma ** 2 + self.sd ** 2)
+        return ((x - sigma * eps) - c_skip * x) / c_out
+
+
+def test_edm_schedule_exact_flipd_matches_closed_form():
+    from diffusers import EDMEulerScheduler
+
+    sched = EDMEulerScheduler()
+    m = GaussianMixtureEps.random([3], (10,), variances=0.7, seed=2, scheduler=sched)
+    x = m.means.reshape(1, 10)
+    for t0 in (0.05, 0.2):
+        got = mmh_fast.flipd(_EDMNetwork(m), x, t0, scheduler=sched, trace="exact")
+        # 1e-5: the network timestep log(sigma) / 4 travels in float32 (Denoiser.coefficients)
+        assert abs(float(got[0]) - m.flipd_at_mean(0, t0)) < 1e-5
 
 
 @pytest.mark.parametrize("pred", ["sample", "v_prediction"])

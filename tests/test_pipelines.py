@@ -13,6 +13,10 @@ from mmh_fast.testing import (GaussianMixtureEps, tiny_ddpm_pipeline, tiny_stabl
                               write_tiny_clip_tokenizer)
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny networks: see conftest
+
+
+
 @pytest.fixture(scope="module")
 def sd():
     with warnings.catch_warnings():
