@@ -273,3 +273,22 @@ def test_flipd_metrics_equal_the_library_on_the_same_images(tmp_path, capsys, mo
         ref_c = _library_flipd(model, good, keys, cond=[r["caption"] for r in rows])
         np.testing.assert_allclose([r["flipd_cond"] for r in rows], ref_c, rtol=1e-4, atol=1e-3)
         assert not np.allclose(ref, ref_c)  # the caption matters
+
+
+def test_nb_metric_equals_the_library(tmp_path, capsys):
+    from mmh_fast import normal_bundle
+    from mmh_fast.cli.loader import load_model
+    from mmh_fast.cli.sources import sample_id
+
+    good = make_folder(tmp_path / "imgs", n=3)
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", "--option", "n_samples=48", "--seed", "2",
+                    metrics="nb", model="toy-ddpm")
+    assert rc == 0, err
+    rows = _rows(tmp_path / "out")
+    keys = [r["key"] for r in rows]
+    pipe = load_model("toy-ddpm", device=torch.device("cpu"), dtype=torch.float32).pipeline
+    x = torch.from_numpy(np.stack([good[k] for k in keys])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    ref = normal_bundle(pipe, x, 0.01, n_samples=48, seed=2, sample_ids=torch.tensor([sample_id(k) for k in keys]))
+    assert [r["nb"] for r in rows] == ref.tolist()
+    schema = pq.read_schema(tmp_path / "out" / "results.parquet")
+    assert str(schema.field("nb").type) == "int64"

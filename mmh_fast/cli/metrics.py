@@ -239,3 +239,17 @@ def _flipd_cond(batch, ctx):
 
     return flipd(ctx.model.pipeline, batch.images, ctx.t0, cond=list(batch.captions), n_probes=ctx.n_probes,
                  seed=ctx.seed, sample_ids=batch.sample_ids, **_pick(ctx.options, _FLIPD_OPTIONS))
+
+
+_NB_OPTIONS = ("n_samples", "rule", "threshold", "min_ratio", "guidance_scale")
+
+
+@register_metric("nb", needs_model=True, dtype="int64", options=_NB_OPTIONS,
+                 description="normal-bundle LID_theta(x) = d - rank of the score matrix at t0 (Eq. 7-8); "
+                             "4d network calls per image unless n_samples is set")
+def _nb(batch, ctx):
+    from .. import normal_bundle
+
+    cond = "" if ctx.model.conditional else None
+    return normal_bundle(ctx.model.pipeline, batch.images, ctx.t0, cond=cond, seed=ctx.seed,
+                         sample_ids=batch.sample_ids, **_pick(ctx.options, _NB_OPTIONS[:-1]))
