@@ -328,6 +328,8 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="A must be a 3-D tensor"):
         C.svd_rank_cpu(torch.randn(5, 4), torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.int64),
                        0, 0, 3.0, 0.0, 8, 1, 0.5, 0)
+    with pytest.raises(ValueError, match="A contains NaN or inf values"):
+        C.svd_rank_cpu(bad, torch.zeros(2, dtype=torch.float64), torch.arange(2), 0, 0, 3.0, 0.0, 8, 1, 0.5, 0)
     with pytest.raises(ValueError, match="rule code"):
         C.svd_rank_cpu(A, torch.zeros(2, dtype=torch.float64), torch.arange(2), 7, 0, 3.0, 0.0, 8, 1, 0.5, 0)
 

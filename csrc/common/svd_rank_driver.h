@@ -20,8 +20,10 @@
 //    rank (e.g. the threshold or the decisive gap is well above sqrt(eps_G)).
 //    The other matrices get a float64 SVD.
 //  * Randomized path: Q (m x l, orthonormal) from a Gaussian sketch with
-//    n_iter power iterations (re-orthonormalised by QR after every product),
-//    then Bm = Q^T A in float64. With Res = (I - Q Q^T) A,
+//    n_iter power iterations (re-orthonormalised after every product by a
+//    shifted Cholesky QR, see shifted_cholesky_qr),
+//    then Bm = Q^T A in float64 (Q from a final Householder QR in float64).
+//    With Res = (I - Q Q^T) A,
 //        A^T A = Bm^T Bm + Res^T Res,   ||Res||_F^2 = ||A||_F^2 - ||Bm||_F^2,
 //    so by Weyl's inequalities s_i(A)^2 lies in [lam_i, lam_i + ||Res||^2]
 //    (lam_i the eigenvalues of Bm Bm^T) for i < l, and s_i(A) <= ||Res||_F
@@ -68,6 +70,25 @@ inline void svd_rank_check_params(const SvdRankParams& p) {
                   "max_sketch_fraction must be in (0, 1], got ", p.max_sketch_fraction);
 }
 
+// Re-orthonormalisation between power iterations: Y R^{-1} with R the
+// Cholesky factor of Y^T Y + shift I in float64 (shift = 1e-12 tr(Y^T Y), so
+// the factorisation exists for rank-deficient Y). The result is orthonormal
+// on the directions of Y above ~1e-6 of its norm and shrinks the others,
+// which is all a power iteration needs; it uses only GEMM, an l x l Cholesky
+// and a triangular solve, whose timing stays steady on oversubscribed cores
+// where Householder QR's many small parallel steps stall. The final basis,
+// which the error bounds rely on, is a Householder QR.
+inline at::Tensor shifted_cholesky_qr(const at::Tensor& Y) {
+  const auto Y64 = Y.to(at::kDouble);
+  const int64_t l = Y64.size(-1);
+  auto G = at::matmul(Y64.transpose(-2, -1), Y64);
+  const auto tr = G.diagonal(0, -2, -1).sum(-1, /*keepdim=*/true).unsqueeze(-1);
+  const auto shift = tr * 1e-12 + std::numeric_limits<double>::min();
+  G = G + shift * at::eye(l, G.options());
+  const auto R = std::get<0>(at::linalg_cholesky_ex(G, /*upper=*/true, /*check_errors=*/false));
+  return at::linalg_solve_triangular(R, Y64, /*upper=*/true, /*left=*/false).to(Y.scalar_type());
+}
+
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> svd_rank_driver(const at::Tensor& A_in,
                                                    const at::Tensor& threshold,
@@ -88,15 +109,22 @@ std::tuple<at::Tensor, at::Tensor> svd_rank_driver(const at::Tensor& A_in,
                   " entries but A has ", B, " matrices");
   MMH_CHECK_VALUE(threshold.device() == A_in.device() && sample_ids.device() == A_in.device(),
                   "A, threshold and sample_ids must be on the same device");
-  MMH_CHECK_VALUE(at::isfinite(A_in).all().item<bool>(), "A contains NaN or inf values");
-
   const auto work = A_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto A = A_in.to(work).contiguous();
   const auto A64 = A.to(at::kDouble);
   const auto thr = threshold.to(at::kDouble).contiguous();
   const int64_t k = std::min(m, n);
   const double eps64 = std::numeric_limits<double>::epsilon();
-  const auto fro2 = A64.square().sum({1, 2});
+  // ||A||_F^2 in float64; also the finiteness check (a NaN or inf entry makes
+  // it non-finite; finite float32 data cannot overflow it)
+  const auto fro2 = at::linalg_vector_norm(A64, 2, at::IntArrayRef{1, 2}, false).square();
+  MMH_CHECK_VALUE(at::isfinite(fro2).all().item<bool>(),
+                  "A contains NaN or inf values (or float64 values too large to square)");
+
+  // rows idx of a batch tensor; no copy while idx is still the whole batch
+  auto take = [&](const at::Tensor& t, const at::Tensor& idx) {
+    return idx.numel() == t.size(0) ? t : t.index_select(0, idx);
+  };
   const auto long_opts = A.options().dtype(at::kLong);
   auto ranks = at::zeros({B}, long_opts);
   std::vector<std::pair<at::Tensor, at::Tensor>> pieces;  // (matrix ids, values [B', r] desc)
@@ -124,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> svd_rank_driver(const at::Tensor& A_in,
   // Float64 SVD for matrices the fast bounds could not decide.
   auto svd_exact = [&](const at::Tensor& idx) {
     if (idx.numel() == 0) return;
-    const auto s = at::linalg_svdvals(A64.index_select(0, idx)).contiguous();
+    const auto s = at::linalg_svdvals(take(A64, idx)).contiguous();
     const auto floor = s.select(1, 0) * p.rtol;
     auto out = Backend::rule(s, s, at::zeros({idx.numel()}, s.options()), floor.contiguous(),
                              thr.index_select(0, idx), k, p.rule, p.min_ratio, true);
@@ -133,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> svd_rank_driver(const at::Tensor& A_in,
 
   auto gram_exact = [&](const at::Tensor& idx) {
     if (idx.numel() == 0) return;
-    const auto a = A64.index_select(0, idx);
+    const auto a = take(A64, idx);
     const auto G = m >= n ? at::matmul(a.transpose(1, 2), a) : at::matmul(a, a.transpose(1, 2));
     const auto lam = at::linalg_eigvalsh(G).flip({-1}).clamp_min(0.0);
     const auto e = (fro2.index_select(0, idx) *
@@ -151,16 +179,17 @@ std::tuple<at::Tensor, at::Tensor> svd_rank_driver(const at::Tensor& A_in,
         gram_exact(idx);  // a sketch this large costs as much as the exact path
         return;
       }
-      const auto a = A.index_select(0, idx);
+      const auto a = take(A, idx);
       const auto omega = Backend::gaussian(sample_ids.index_select(0, idx), n, l, p.seed, work);
-      auto Q = std::get<0>(at::linalg_qr(at::matmul(a, omega)));
+      auto Q = shifted_cholesky_qr(at::matmul(a, omega));
       const auto at_ = a.transpose(1, 2);
       for (int64_t it = 0; it < p.n_iter; ++it) {
-        const auto Z = std::get<0>(at::linalg_qr(at::matmul(at_, Q)));
-        Q = std::get<0>(at::linalg_qr(at::matmul(a, Z)));
+        const auto Z = shifted_cholesky_qr(at::matmul(at_, Q));
+        Q = shifted_cholesky_qr(at::matmul(a, Z));
       }
+      // the bounds need an exactly orthonormal basis: Householder QR in float64
       const auto Q64 = std::get<0>(at::linalg_qr(Q.to(at::kDouble)));
-      const auto Bm = at::matmul(Q64.transpose(1, 2), A64.index_select(0, idx));  // [B', l, n]
+      const auto Bm = at::matmul(Q64.transpose(1, 2), take(A64, idx));  // [B', l, n]
       const auto lam = at::linalg_eigvalsh(at::matmul(Bm, Bm.transpose(1, 2))).flip({-1}).clamp_min(0.0);
       const auto f2 = fro2.index_select(0, idx);
       const auto slack = f2 * (2.0 * eps64 * static_cast<double>(m + n + l));

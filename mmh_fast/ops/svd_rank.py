@@ -35,7 +35,8 @@ Methods:
   gap, is well above sqrt(eps_G) ~ 1e-7 s_0. Matrices that fail this get a
   float64 SVD (torch.linalg.svdvals), so the rank is always that of the SVD.
 * ``"randomized"`` -- Gaussian range finder with ``n_iter`` power iterations
-  (QR re-orthonormalisation after each product), sketch of ``rank_hint +
+  (re-orthonormalised after each product by a shifted Cholesky QR in
+  float64; the final basis by Householder QR), sketch of ``rank_hint +
   oversample`` columns, then the exact singular values of Q^T A in float64.
   With the residual R = (I - QQ^T) A, Weyl's inequalities bound every s_i
   (s_i^2 in [lam_i, lam_i + ||R||_F^2] inside the sketch, s_i <= ||R||_F past
