@@ -292,3 +292,24 @@ def test_nb_metric_equals_the_library(tmp_path, capsys):
     assert [r["nb"] for r in rows] == ref.tolist()
     schema = pq.read_schema(tmp_path / "out" / "results.parquet")
     assert str(schema.field("nb").type) == "int64"
+
+
+def test_png_metric_and_default_metrics(tmp_path, capsys):
+    from mmh_fast import png_complexity
+
+    good = make_folder(tmp_path / "imgs", n=4, corrupt=(2,))
+    # no --metrics and no --model: the default is png alone
+    rc = main(["scan", "--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"), "--workers", "0"])
+    assert rc == 0, capsys.readouterr().err
+    rows = _rows(tmp_path / "out")
+    for r in rows:
+        if r["key"] in good:
+            assert r["png"] == int(png_complexity(good[r["key"]][None])[0])  # [1, H, W, 3]
+        else:
+            assert r["png"] is None and r["error"].startswith("decode:")
+    meta = json.loads((tmp_path / "out" / "scan.json").read_text())
+    assert meta["settings"]["metrics"] == ["png"] and meta["model"] is None
+    # with a model the default is flipd,png
+    rc = main(["scan", "--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "out2"), "--model", "toy-ddpm",
+               "--workers", "0", "--quiet"])
+    assert rc == 0 and _rows(tmp_path / "out2")[0].keys() >= {"flipd", "png"}

@@ -241,6 +241,15 @@ def _flipd_cond(batch, ctx):
                  seed=ctx.seed, sample_ids=batch.sample_ids, **_pick(ctx.options, _FLIPD_OPTIONS))
 
 
+@register_metric("png", dtype="int64",
+                 description="PNG length in bytes at compression level 9 (image complexity, App. C.2) of the image "
+                             "as scanned (resized with --image-size or a model); needs no model")
+def _png(batch, ctx):
+    from .. import png_complexity
+
+    return png_complexity(batch.pixels, channels_last=False, num_workers=1)
+
+
 _NB_OPTIONS = ("n_samples", "rule", "threshold", "min_ratio", "guidance_scale")
 
 
