@@ -1,14 +1,21 @@
-"""The ``mmh-fast`` command line (also ``python -m mmh_fast``)."""
+"""The ``mmh-fast`` command line (also ``python -m mmh_fast``).
+
+Commands: ``scan`` (per-image memorization metrics over a dataset), ``merge``
+(gather a scan's parts into results.parquet), ``report`` (figures and an HTML or
+Markdown page), ``metrics`` (list the metrics), ``demo``.
+Exit codes: 0 fine, 1 failed (or interrupted), 2 bad arguments or inputs.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import traceback
 
-__all__ = ["main"]
+from .errors import UserError
 
-
-class UserError(Exception):
-    """A mistake in the command line or its inputs: reported without a traceback, exit code 2."""
+__all__ = ["main", "build_parser", "UserError"]
 
 
 def _cmd_demo(args) -> int:
@@ -18,13 +25,176 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _parse_options(items) -> dict:
+    out = {}
+    for item in items or []:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise UserError(f"--option expects NAME=VALUE, got {item!r}")
+        try:
+            out[name] = json.loads(value)
+        except ValueError:
+            out[name] = value
+    return out
+
+
+def _cmd_scan(args) -> int:
+    from .scan import ScanConfig, ScanFailed, run_scan
+
+    plugins = list(args.plugin or [])
+    env = os.environ.get("MMH_FAST_PLUGINS")
+    if env:
+        plugins = [p for p in env.split(",") if p] + plugins
+    cfg = ScanConfig(data=args.data, out=args.out, model=args.model,
+                     metrics=[m for m in args.metrics.split(",")] if args.metrics else None, t0=args.t0,
+                     n_probes=args.n_probes, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                     image_size=args.image_size, limit=args.limit, seed=args.seed, workers=args.workers,
+                     quiet=args.quiet, unit_size=args.unit_size, part_rows=args.part_rows,
+                     log_every=args.log_every, image_column=args.image_column, caption_column=args.caption_column,
+                     key_column=args.key_column, plugins=plugins, options=_parse_options(args.option),
+                     merge=not args.no_merge, progress=args.progress)
+    try:
+        stats = run_scan(cfg)
+    except ScanFailed as exc:
+        print(f"mmh-fast scan: failed: {exc}", file=sys.stderr)
+        return 1
+    if stats.interrupted:
+        print(f"mmh-fast scan: interrupted; the rows written so far are in {args.out}: run the same command "
+              "again to resume", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from .writer import merge
+
+    s = merge(args.dir)
+    if not args.quiet:
+        for note in s["notes"]:
+            print(f"note: {note}", file=sys.stderr)
+        state = "complete" if s["complete"] else (
+            f"INCOMPLETE: {s['units_complete']}/{s['units_total'] if s['units_total'] is not None else '?'} units")
+        print(f"{s['path']}: {s['rows']} rows, {s['errors']} with errors ({state})", file=sys.stderr)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import make_report
+
+    path = make_report(args.results, out=args.out, labels=args.labels, fmt=args.format, positive=args.positive,
+                       top=args.top, lid_metric=args.lid_metric)
+    if not args.quiet:
+        print(path)
+    return 0
+
+
+def _cmd_metrics(args) -> int:
+    from .metrics import available_metrics, get_metric, load_plugins
+
+    load_plugins(args.plugin or [])
+    for name in available_metrics():
+        m = get_metric(name)
+        needs = [w for w, f in (("model", m.needs_model), ("captions", m.needs_captions)) if f]
+        direction = "low = memorized" if m.lower_is_memorized else "high = memorized"
+        print(f"{name:16s} needs: {', '.join(needs) or 'nothing':16s} {direction:17s} {m.description}")
+    return 0
+
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmh-fast", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="run the memorization analysis end to end on embedded data")
+    p = argparse.ArgumentParser(prog="mmh-fast", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="run the memorization analysis end to end on embedded data",
+                       description="Run the memorization analysis end to end on embedded data.")
     d.add_argument("--out", default="mmh_demo", help="output directory (default: %(default)s)")
     d.add_argument("--quick", action="store_true", help="smaller settings (under a minute)")
     d.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser(
+        "scan", help="per-image memorization metrics over a dataset (resumable, torchrun-ready)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compute per-image memorization metrics over a dataset.\n\n"
+        "SOURCE: a folder of images (captions from same-stem .txt files), WebDataset tar shards\n"
+        "(shards/{00000..00099}.tar, a glob, or a folder of .tar files), or a .parquet/.csv table\n"
+        "with an image path or bytes column and a caption column.\n"
+        "Results go to Parquet parts in DIR and are merged into DIR/results.parquet. Run the same\n"
+        "command again after a crash or Ctrl-C: finished work is skipped. Scale out with\n"
+        "`torchrun --nproc-per-node N -m mmh_fast scan ...` (one shard/file set per rank).")
+    s.add_argument("--model", metavar="MODEL",
+                   help="a local diffusers pipeline directory (SD 1.x/2.x, DDPM, DDIM; nothing is downloaded) "
+                        "or a built-in toy model: toy-ddpm")
+    s.add_argument("--data", required=True, metavar="SOURCE", help="the images (see above)")
+    s.add_argument("--out", required=True, metavar="DIR", help="output directory (resumed when it exists)")
+    s.add_argument("--metrics", metavar="M1,M2",
+                   help="comma-separated metrics (`mmh-fast metrics` lists them; default: flipd,png with a "
+                        "model, png without)")
+    s.add_argument("--t0", type=float, default=0.01, help="diffusion time of the LID estimators (default: %(default)s)")
+    s.add_argument("--n-probes", type=_positive_int, default=1, help="Hutchinson probes per image (default: 1)")
+    s.add_argument("--batch-size", type=_positive_int, default=16,
+                   help="images per model batch; halved automatically on CUDA out-of-memory (default: 16)")
+    s.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available; torchrun: cuda:LOCAL_RANK)")
+    s.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="model precision (default: fp16 on CUDA, fp32 on CPU)")
+    s.add_argument("--image-size", type=_positive_int,
+                   help="resize (shorter side) and centre-crop images to this size; default: the model's "
+                        "native resolution (e.g. 512 for SD 1.x), or the original size without a model")
+    s.add_argument("--limit", type=_positive_int, help="scan only the first N samples of SOURCE")
+    s.add_argument("--seed", type=int, default=0, help="seed of randomized estimators (default: 0)")
+    s.add_argument("--workers", type=int, help="DataLoader workers decoding images (default: CPUs per process - 1, at most 8)")
+    s.add_argument("--quiet", action="store_true", help="print only errors")
+    s.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto",
+                   help="progress display: a bar on a terminal, log lines otherwise (default: auto)")
+    s.add_argument("--log-every", type=float, default=30.0, metavar="SEC",
+                   help="seconds between progress log lines (default: 30)")
+    s.add_argument("--unit-size", type=_positive_int, default=1024,
+                   help="files/rows per work unit of folder and table sources (a shard is one unit): the "
+                        "granule of torchrun distribution (default: 1024)")
+    s.add_argument("--part-rows", type=_positive_int, default=1024,
+                   help="rows per Parquet part: at most this much work is lost by a crash (default: 1024)")
+    s.add_argument("--image-column", help="table sources: the image path/bytes column (default: auto)")
+    s.add_argument("--caption-column", help="table sources: the caption column (default: auto)")
+    s.add_argument("--key-column", help="table sources: a unique key column (default: key/id, else the row number)")
+    s.add_argument("--option", action="append", metavar="NAME=VALUE",
+                   help="a metric option (e.g. guidance_scale=7.5); repeatable")
+    s.add_argument("--plugin", action="append", metavar="MODULE",
+                   help="import a module or .py file that registers metrics (also $MMH_FAST_PLUGINS); repeatable")
+    s.add_argument("--no-merge", action="store_true", help="leave the parts unmerged at the end")
+    s.set_defaults(func=_cmd_scan)
+
+    m = sub.add_parser("merge", help="merge a scan's Parquet parts into DIR/results.parquet",
+                       description="Merge the Parquet parts of a scan (finished or not) into DIR/results.parquet, "
+                                   "every sample exactly once, in source order.")
+    m.add_argument("dir", metavar="DIR", help="the scan's output directory")
+    m.add_argument("--quiet", action="store_true", help="print only errors")
+    m.set_defaults(func=_cmd_merge)
+
+    r = sub.add_parser("report", help="figures and an HTML/Markdown report of scan results",
+                       description="Density histograms, ROC curves (AUC, TPR at 1%% FPR) and the lowest-LID images "
+                                   "of scan results, as PNG files and one self-contained HTML page (or Markdown).")
+    r.add_argument("results", metavar="RESULTS", help="results.parquet (or the scan directory holding it)")
+    r.add_argument("--labels", metavar="LABELS",
+                   help="CSV or Parquet of key -> label (columns 'key' and 'label', or the first two)")
+    r.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    r.add_argument("--format", choices=["html", "md"], default="html", help="page format (default: html)")
+    r.add_argument("--positive", help="the label counted as memorized in ROC curves (default: inferred)")
+    r.add_argument("--top", type=_positive_int, default=16, help="images in the lowest-LID grid (default: 16)")
+    r.add_argument("--lid-metric", help="metric of the lowest-LID grid (default: flipd, nb or the first LID metric)")
+    r.add_argument("--quiet", action="store_true", help="print nothing on success")
+    r.set_defaults(func=_cmd_report)
+
+    ls = sub.add_parser("metrics", help="list the available metrics", description="List the registered metrics.")
+    ls.add_argument("--plugin", action="append", metavar="MODULE", help="import a plugin module first; repeatable")
+    ls.set_defaults(func=_cmd_metrics)
     return p
 
 
@@ -37,5 +207,9 @@ def main(argv=None) -> int:
         print(f"mmh-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"mmh-fast {args.command}: interrupted", file=sys.stderr)
+        return 1
+    except Exception:
+        traceback.print_exc()
+        print(f"mmh-fast {args.command}: failed with an unexpected error (traceback above)", file=sys.stderr)
         return 1

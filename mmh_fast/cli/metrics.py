@@ -1,0 +1,264 @@
+"""The metric registry of ``mmh-fast scan``: name -> a function giving one value per image.
+
+A metric is a function ``fn(batch, ctx)`` returning one number per image of the
+batch (a tensor, array or sequence of length ``len(batch)``). ``batch`` is a
+:class:`MetricBatch` (the images at the model's resolution, their captions,
+keys and per-sample seeds) and ``ctx`` a :class:`MetricContext` (the loaded
+model, the device and the scan's options: t0, probes, seed). A metric declares
+what it needs (``needs_model``, ``needs_captions``) and which way memorization
+points (``lower_is_memorized``: True for LID-like metrics, where low values flag
+memorization; False for scores such as the CFG norm), which the report uses to
+orient ROC curves.
+
+Register your own with :func:`register_metric` — in a module passed to
+``mmh-fast scan --plugin MODULE`` (or named in ``MMH_FAST_PLUGINS``)::
+
+    from mmh_fast.cli.metrics import register_metric
+
+    @register_metric("mean_brightness", lower_is_memorized=False)
+    def mean_brightness(batch, ctx):
+        return batch.images.float().mean(dim=(1, 2, 3))
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+__all__ = ["Metric", "MetricBatch", "MetricContext", "register_metric", "get_metric", "available_metrics",
+           "resolve_metrics", "load_plugins", "as_values"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A registered metric. ``fn(batch, ctx)`` returns ``len(batch)`` values."""
+
+    name: str
+    fn: Callable[["MetricBatch", "MetricContext"], Any]
+    needs_model: bool = False
+    needs_captions: bool = False
+    needs_conditional_model: bool = False
+    lower_is_memorized: bool = True
+    dtype: str = "float64"
+    description: str = ""
+    options: tuple = ()
+
+
+@dataclass
+class MetricBatch:
+    """One batch of decoded images.
+
+    Attributes:
+        pixels: uint8 tensor [B, 3, H, W] on the CPU (as decoded).
+        keys: the samples' keys; ``sample_ids`` int64 tensor [B] derived from them
+            (the per-sample seeds of randomized estimators).
+        captions: list of str (None where the source has no caption).
+        device: where :attr:`images` lives; ``dtype``: the model's precision (for
+            metrics that feed the network directly; estimators cast themselves).
+    """
+
+    pixels: torch.Tensor
+    keys: list
+    captions: list
+    sample_ids: torch.Tensor
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    _images: torch.Tensor | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """float32 tensor [B, 3, H, W] in [-1, 1] on ``device`` (the diffusers convention)."""
+        if self._images is None:
+            x = self.pixels.to(self.device, non_blocking=True)
+            self._images = x.to(torch.float32) / 127.5 - 1.0
+        return self._images
+
+    def subset(self, idx: Sequence[int]) -> "MetricBatch":
+        idx = list(idx)
+        t = torch.as_tensor(idx, dtype=torch.long)
+        sub = MetricBatch(self.pixels[t], [self.keys[i] for i in idx], [self.captions[i] for i in idx],
+                          self.sample_ids[t], self.device, self.dtype)
+        if self._images is not None:
+            sub._images = self._images[t.to(self._images.device)]
+        return sub
+
+
+@dataclass
+class MetricContext:
+    """What a metric may use besides the batch.
+
+    Attributes:
+        model: the :class:`~mmh_fast.cli.models.LoadedModel` (None for model-free scans).
+        t0, n_probes, seed: the scan's options (``--t0``, ``--n-probes``, ``--seed``).
+        options: further ``--option NAME=VALUE`` settings, as strings.
+    """
+
+    model: Any = None
+    device: torch.device = torch.device("cpu")
+    t0: float = 0.01
+    n_probes: int = 1
+    seed: int = 0
+    options: dict = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, Metric] = {}
+
+
+def register_metric(name: str, fn: Callable | None = None, *, needs_model: bool = False,
+                    needs_captions: bool = False, needs_conditional_model: bool = False,
+                    lower_is_memorized: bool = True, dtype: str = "float64", description: str = "",
+                    options: Sequence[str] = (), overwrite: bool = False):
+    """Register ``fn`` as metric ``name`` (usable as a decorator when ``fn`` is omitted).
+
+    Args:
+        name: the column name and ``--metrics`` entry (letters, digits, ``_``).
+        needs_model: the metric uses ``ctx.model``; a scan without --model refuses it.
+        needs_captions: samples without a caption get an error row for this metric.
+        needs_conditional_model: the model must be text-conditioned (Stable Diffusion).
+        lower_is_memorized: low values flag memorization (LID); False for scores.
+        dtype: "float64" or "int64", the Parquet column type.
+        options: names of the ``--option NAME=VALUE`` settings the metric reads from
+            ``ctx.options`` (a scan refuses options no selected metric reads).
+        overwrite: replace an existing registration instead of raising ValueError.
+    """
+    if not isinstance(name, str) or not name.replace("_", "").isalnum() or name[0].isdigit():
+        raise ValueError(f"metric name must be an identifier (letters, digits, _), got {name!r}")
+    if dtype not in ("float64", "int64"):
+        raise ValueError(f"dtype must be 'float64' or 'int64', got {dtype!r}")
+
+    def deco(f):
+        if not callable(f):
+            raise TypeError(f"metric {name!r}: fn must be callable as fn(batch, ctx)")
+        if name in _REGISTRY and not overwrite:
+            raise ValueError(f"metric {name!r} is already registered (pass overwrite=True to replace it)")
+        _REGISTRY[name] = Metric(name, f, needs_model, needs_captions or needs_conditional_model,
+                                 needs_conditional_model, lower_is_memorized, dtype,
+                                 description or (f.__doc__ or "").strip().split("\n")[0], tuple(options))
+        return f
+
+    return deco if fn is None else deco(fn)
+
+
+def unregister_metric(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def available_metrics() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_metric(name: str) -> Metric:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown metric {name!r}; available: {', '.join(available_metrics()) or 'none'}"
+                        ) from None
+
+
+def resolve_metrics(names: Sequence[str]) -> list[Metric]:
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise UserError("no metrics given (--metrics)")
+    if len(set(names)) != len(names):
+        raise UserError(f"--metrics lists a metric twice: {','.join(names)}")
+    return [get_metric(n) for n in names]
+
+
+_LOADED_FILES: set = set()
+
+
+def load_plugins(specs: Sequence[str]) -> None:
+    """Import plugin modules (dotted names or paths to .py files) so they can register
+    metrics. A file is executed once per process, like an imported module."""
+    for spec in specs:
+        spec = spec.strip()
+        if not spec:
+            continue
+        try:
+            if spec.endswith(".py") or os.sep in spec:
+                path = os.path.abspath(spec)
+                if not os.path.isfile(path):
+                    raise UserError(f"plugin file {spec!r} does not exist")
+                if path in _LOADED_FILES:
+                    continue
+                name = "mmh_fast_plugin_" + os.path.splitext(os.path.basename(path))[0]
+                mspec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(mspec)
+                mspec.loader.exec_module(module)
+                _LOADED_FILES.add(path)
+            else:
+                importlib.import_module(spec)
+        except ImportError as exc:
+            raise UserError(f"cannot import plugin {spec!r}: {exc}") from None
+
+
+def as_values(out, n: int, name: str) -> np.ndarray:
+    """A metric's output as a float64 numpy array of length n."""
+    if isinstance(out, torch.Tensor):
+        out = out.detach().to("cpu", torch.float64).numpy()
+    arr = np.asarray(out, dtype=np.float64).reshape(-1)
+    if arr.shape[0] != n:
+        raise ValueError(f"metric {name!r} returned {arr.shape[0]} values for a batch of {n}")
+    return arr
+
+
+# --------------------------------------------------------------------------- built-in metrics
+# Each calls the library's public estimator with the scan's options. Per-sample
+# ids from the keys make randomized estimates independent of batching and ranks.
+_FLIPD_OPTIONS = ("trace", "method", "probe", "guidance_scale")
+
+
+def _pick(options: dict, names) -> dict:
+    return {k: options[k] for k in names if k in options}
+
+
+@register_metric("flipd", needs_model=True, options=_FLIPD_OPTIONS,
+                 description="FLIPD LID_theta(x) at t0 (Eq. 6); unconditional (empty prompt) for text models")
+def _flipd(batch, ctx):
+    from .. import flipd
+
+    cond = "" if ctx.model.conditional else None
+    return flipd(ctx.model.pipeline, batch.images, ctx.t0, cond=cond, n_probes=ctx.n_probes, seed=ctx.seed,
+                 sample_ids=batch.sample_ids, **_pick(ctx.options, ("trace", "method", "probe")))
+
+
+@register_metric("flipd_cond", needs_model=True, needs_conditional_model=True, options=_FLIPD_OPTIONS,
+                 description="FLIPD LID_theta(x | caption) at t0 (Sec. 4.1); CFG score with guidance_scale (Eq. 26)")
+def _flipd_cond(batch, ctx):
+    from .. import flipd
+
+    return flipd(ctx.model.pipeline, batch.images, ctx.t0, cond=list(batch.captions), n_probes=ctx.n_probes,
+                 seed=ctx.seed, sample_ids=batch.sample_ids, **_pick(ctx.options, _FLIPD_OPTIONS))
+
+
+@register_metric("png", dtype="int64",
+                 description="PNG length in bytes at compression level 9 (image complexity, App. C.2) of the image "
+                             "as scanned (resized with --image-size or a model); needs no model")
+def _png(batch, ctx):
+    from .. import png_complexity
+
+    return png_complexity(batch.pixels, channels_last=False, num_workers=1)
+
+
+_NB_OPTIONS = ("n_samples", "rule", "threshold", "min_ratio", "guidance_scale")
+
+
+@register_metric("nb", needs_model=True, dtype="int64", options=_NB_OPTIONS,
+                 description="normal-bundle LID_theta(x) = d - rank of the score matrix at t0 (Eq. 7-8); "
+                             "4d network calls per image unless n_samples is set")
+def _nb(batch, ctx):
+    from .. import normal_bundle
+
+    cond = "" if ctx.model.conditional else None
+    return normal_bundle(ctx.model.pipeline, batch.images, ctx.t0, cond=cond, seed=ctx.seed,
+                         sample_ids=batch.sample_ids, **_pick(ctx.options, _NB_OPTIONS[:-1]))

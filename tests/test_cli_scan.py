@@ -1,0 +1,315 @@
+"""`mmh-fast scan` end to end on small data with the toy model: every source kind,
+corrupt images, out-of-memory halving, failing metrics, resume, merge."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mmh_fast.cli import main
+from mmh_fast.cli.writer import part_files
+
+from cli_data import PLUGIN, make_folder, make_shards, make_table
+
+
+def _scan(capsys, data, out, *extra, metrics="mean_px,eps_norm", model="toy-ddpm"):
+    argv = ["scan", "--data", str(data), "--out", str(out), "--metrics", metrics, "--plugin", PLUGIN,
+            "--batch-size", "3", "--unit-size", "4", "--workers", "1", *extra]
+    if model:
+        argv += ["--model", model]
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+def _rows(out):
+    return pq.read_table(os.path.join(out, "results.parquet")).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def toy_unet():
+    from mmh_fast.cli.loader import load_model
+
+    return load_model("toy-ddpm", device=torch.device("cpu"), dtype=torch.float32).pipeline.unet
+
+
+def _eps_norm(unet, arr, t0=0.01):
+    """The toy UNet's |eps| at one clean image, computed directly (one image per call)."""
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 127.5 - 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: threads only contend on a shared CPU
+    try:
+        with torch.no_grad():
+            return float(unet(x, torch.tensor([round(t0 * 1000)])).sample.double().norm())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_scan_folder_with_corrupt_images(tmp_path, capsys, toy_unet):
+    good = make_folder(tmp_path / "imgs", n=10, corrupt=(4,), truncated=(7,))
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", metrics="mean_px,eps_norm,caption_len")
+    assert rc == 0, err
+    rows = _rows(tmp_path / "out")
+    assert [r["key"] for r in rows] == [f"img{i:03d}.png" for i in range(10)]
+    for i, r in enumerate(rows):
+        assert r["caption"] == f"caption {i}"
+        assert r["source"] == str(tmp_path / "imgs" / r["key"])
+        if i in (4, 7):  # the bad images get a row with their error, and the scan goes on
+            assert r["error"].startswith("decode: ") and r["mean_px"] is None and r["width"] is None
+            continue
+        arr = good[r["key"]]
+        assert r["error"] is None and (r["width"], r["height"]) == (32, 32)
+        assert r["mean_px"] == pytest.approx(arr.mean(), abs=1e-9)
+        assert r["eps_norm"] == pytest.approx(_eps_norm(toy_unet, arr), rel=1e-4)
+        assert r["caption_len"] == len(f"caption {i}")
+    meta = json.loads(pq.read_schema(tmp_path / "out" / "results.parquet").metadata[b"mmh_fast"])
+    assert meta["model"]["name"] == "toy-ddpm" and meta["settings"]["t0"] == 0.01
+    assert meta["settings"]["metrics"] == ["mean_px", "eps_norm", "caption_len"]
+    assert meta["metrics"]["mean_px"]["lower_is_memorized"] is False and meta["merge"]["complete"]
+    assert "eps_norm:" in err and "images/s" in err  # throughput per metric at the end
+    assert len(part_files(str(tmp_path / "out"))) == 3  # 10 images in units of 4
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "parquet", "csv"])
+def test_scan_each_source_kind(tmp_path, capsys, toy_unet, kind):
+    if kind == "webdataset":
+        good = make_shards(tmp_path / "shards", n_shards=2, per_shard=4)
+        data = tmp_path / "shards" / "{00000..00001}.tar"
+    elif kind == "parquet":
+        good = make_table(str(tmp_path / "t.parquet"), n=7, mode="bytes")
+        data = tmp_path / "t.parquet"
+    else:
+        good = make_table(str(tmp_path / "c" / "t.csv"), n=7, mode="path")
+        data = tmp_path / "c" / "t.csv"
+    rc, err = _scan(capsys, data, tmp_path / "out")
+    assert rc == 0, err
+    rows = _rows(tmp_path / "out")
+    assert [r["key"] for r in rows] == list(good)
+    for r in rows:
+        assert r["error"] is None and r["caption"].startswith("caption ")
+        assert r["mean_px"] == pytest.approx(good[r["key"]].mean(), abs=1e-9)
+        assert r["eps_norm"] == pytest.approx(_eps_norm(toy_unet, good[r["key"]]), rel=1e-4)
+
+
+def test_model_free_scan_keeps_original_sizes(tmp_path, capsys):
+    from PIL import Image
+
+    os.makedirs(tmp_path / "mixed")
+    arrs = {"a.png": np.full((10, 20, 3), 7, np.uint8), "b.png": np.full((16, 16, 3), 9, np.uint8),
+            "c.png": np.full((10, 20, 3), 11, np.uint8)}
+    for k, a in arrs.items():
+        Image.fromarray(a).save(tmp_path / "mixed" / k)
+    rc, err = _scan(capsys, tmp_path / "mixed", tmp_path / "out", metrics="mean_px", model=None)
+    assert rc == 0, err
+    rows = _rows(tmp_path / "out")
+    assert [(r["key"], r["width"], r["height"], r["mean_px"]) for r in rows] == [
+        ("a.png", 20, 10, 7.0), ("b.png", 16, 16, 9.0), ("c.png", 20, 10, 11.0)]
+
+
+def test_out_of_memory_halves_the_batch(tmp_path, capsys):
+    good = make_folder(tmp_path / "imgs", n=9)
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", "--batch-size", "8", "--unit-size", "9",
+                    metrics="oom_above_2", model=None)
+    assert rc == 0, err
+    assert "batch size halved to 4" in err and "batch size halved to 2" in err
+    rows = _rows(tmp_path / "out")
+    assert all(r["error"] is None for r in rows)
+    assert [r["oom_above_2"] for r in rows] == pytest.approx([good[r["key"]].mean() for r in rows])
+
+
+def test_a_failing_sample_gets_its_error_and_the_rest_their_values(tmp_path, capsys):
+    good = make_folder(tmp_path / "imgs", n=6)
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", metrics="fails_on_3,mean_px", model=None)
+    assert rc == 0, err
+    rows = {r["key"]: r for r in _rows(tmp_path / "out")}
+    bad = rows.pop("img003.png")
+    assert bad["error"] == "fails_on_3: ValueError: cannot handle img003.png" and bad["fails_on_3"] is None
+    assert bad["mean_px"] == pytest.approx(good["img003.png"].mean())
+    assert all(r["error"] is None and r["fails_on_3"] == pytest.approx(good[k].mean()) for k, r in rows.items())
+
+
+def test_a_metric_failing_everywhere_stops_the_scan(tmp_path, capsys):
+    make_folder(tmp_path / "imgs", n=20)
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", metrics="always_fails", model=None)
+    assert rc == 1 and "always_fails failed on the first" in err and "this metric is broken" in err
+    assert "Traceback" not in err
+
+
+def test_samples_without_caption_get_an_error_for_caption_metrics(tmp_path, capsys):
+    make_folder(tmp_path / "imgs", n=3, captions=False)
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", metrics="caption_len,mean_px", model=None)
+    assert rc == 0, err
+    rows = _rows(tmp_path / "out")
+    assert all(r["error"] == "caption_len: no caption" and r["mean_px"] is not None for r in rows)
+
+
+def test_rerun_resumes_and_changed_settings_are_refused(tmp_path, capsys):
+    make_folder(tmp_path / "imgs", n=8)
+    out = tmp_path / "out"
+    rc, _ = _scan(capsys, tmp_path / "imgs", out, metrics="mean_px", model=None)
+    first = _rows(out)
+    mtimes = {p: os.path.getmtime(p) for _, _, p in part_files(str(out))}
+    rc, err = _scan(capsys, tmp_path / "imgs", out, metrics="mean_px", model=None)
+    assert rc == 0 and "resuming: 8 rows" in err and "scanned 0 images" in err
+    assert {p: os.path.getmtime(p) for _, _, p in part_files(str(out))} == mtimes  # nothing rewritten
+    assert _rows(out) == first
+    rc, err = _scan(capsys, tmp_path / "imgs", out, "--t0", "0.02", metrics="mean_px", model=None)
+    assert rc == 2 and "holds a scan with other settings" in err and '"t0": 0.02' in err
+
+
+def test_resume_after_a_lost_part_rescans_only_that_part(tmp_path, capsys):
+    make_folder(tmp_path / "imgs", n=10)
+    out = tmp_path / "out"
+    rc, _ = _scan(capsys, tmp_path / "imgs", out, "--part-rows", "2", metrics="mean_px", model=None)
+    first = _rows(out)
+    parts = part_files(str(out))
+    assert len(parts) == 6  # units of 4, 4, 2 rows in parts of at most 2 (batches of 3 split them 3+1)
+    os.unlink(parts[1][2])  # as if the process had died before writing this part
+    os.unlink(out / "results.parquet")
+    rc, err = _scan(capsys, tmp_path / "imgs", out, "--part-rows", "2", metrics="mean_px", model=None)
+    assert rc == 0 and "scanned 1 images" in err
+    assert _rows(out) == first
+
+
+def test_progress_log_lines_when_not_a_terminal(tmp_path, capsys):
+    make_folder(tmp_path / "imgs", n=6)
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", "--log-every", "0", metrics="mean_px",
+                    model=None)
+    assert rc == 0
+    lines = [x for x in err.splitlines() if x.startswith("scan: ") and "images/s" in x]
+    assert lines and "6/6 images (100.0%)" in lines[-1] and "ETA" in lines[-1]
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out2", "--quiet", metrics="mean_px", model=None)
+    assert rc == 0 and err == ""
+
+
+def test_merge_command_dedups_and_reports_incomplete(tmp_path, capsys):
+    make_folder(tmp_path / "imgs", n=10)
+    out = tmp_path / "out"
+    rc, _ = _scan(capsys, tmp_path / "imgs", out, "--no-merge", metrics="mean_px", model=None)
+    assert rc == 0 and not (out / "results.parquet").exists()
+    parts = part_files(str(out))
+    # a part present twice (e.g. copied by hand) must not duplicate rows
+    shutil.copy(parts[0][2], out / "part-u0000000-s0007.parquet")
+    assert main(["merge", str(out)]) == 0
+    rows = _rows(out)
+    assert [r["key"] for r in rows] == [f"img{i:03d}.png" for i in range(10)]
+    err = capsys.readouterr().err
+    assert "10 rows" in err and "note: 4 rows were present twice" in err
+    os.unlink(parts[-1][2])  # the last unit is missing now
+    for extra in out.glob("part-u0000000-s0007.parquet"):
+        os.unlink(extra)
+    assert main(["merge", str(out)]) == 0
+    assert "INCOMPLETE: 2/3 units" in capsys.readouterr().err and len(_rows(out)) == 8
+    meta = json.loads(pq.read_schema(out / "results.parquet").metadata[b"mmh_fast"])
+    assert meta["merge"]["complete"] is False
+    os.makedirs(tmp_path / "nothing")
+    assert main(["merge", str(tmp_path / "nothing")]) == 2
+    assert "holds no result parts" in capsys.readouterr().err
+
+
+def test_progress_bar_and_metrics_listing(tmp_path, capsys):
+    make_folder(tmp_path / "imgs", n=4)
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", "--progress", "bar", metrics="mean_px", model=None)
+    assert rc == 0 and "4/4" in err and "img/s" in err  # tqdm's bar with the count and rate
+    assert main(["metrics", "--plugin", PLUGIN]) == 0
+    listing = capsys.readouterr().out
+    line = next(x for x in listing.splitlines() if x.startswith("eps_norm"))
+    assert "needs: model" in line and "low = memorized" in line
+
+
+def test_removed_manifest_is_recovered_from_the_parts(tmp_path, capsys):
+    make_folder(tmp_path / "imgs", n=4)
+    out = tmp_path / "out"
+    assert _scan(capsys, tmp_path / "imgs", out, metrics="mean_px", model=None)[0] == 0
+    os.unlink(out / "scan.json")
+    rc, err = _scan(capsys, tmp_path / "imgs", out, "--seed", "3", metrics="mean_px", model=None)
+    assert rc == 2 and "other settings" in err
+
+
+def test_local_pipeline_directory_loads_offline(tmp_path, capsys, toy_unet):
+    from mmh_fast.cli.loader import load_model, native_image_size
+
+    pipe = load_model("toy-ddpm", device=torch.device("cpu"), dtype=torch.float32).pipeline
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert native_image_size(str(tmp_path / "pipe")) == 32
+    good = make_folder(tmp_path / "imgs", n=3)
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", metrics="eps_norm", model=str(tmp_path / "pipe"))
+    assert rc == 0, err
+    for r in _rows(tmp_path / "out"):
+        assert r["eps_norm"] == pytest.approx(_eps_norm(toy_unet, good[r["key"]]), rel=1e-4)
+    meta = json.loads((tmp_path / "out" / "scan.json").read_text())
+    assert meta["model"]["class"] == "DDPMPipeline" and meta["model"]["kind"] == "pipeline"
+    # the same weights give the same fingerprint, whichever way they were loaded
+    assert meta["model"]["fingerprint"] == load_model("toy-ddpm", device=torch.device("cpu"),
+                                                      dtype=torch.float32).fingerprint
+
+
+def _library_flipd(model_name, good, keys, **kw):
+    from mmh_fast import flipd
+    from mmh_fast.cli.loader import load_model
+    from mmh_fast.cli.sources import sample_id
+
+    pipe = load_model(model_name, device=torch.device("cpu"), dtype=torch.float32).pipeline
+    x = torch.from_numpy(np.stack([good[k] for k in keys])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    ids = torch.tensor([sample_id(k) for k in keys])
+    return flipd(pipe, x, 0.01, n_probes=2, seed=5, sample_ids=ids, **kw).double().numpy()
+
+
+@pytest.mark.parametrize("model", ["toy-ddpm", "toy-sd"])
+def test_flipd_metrics_equal_the_library_on_the_same_images(tmp_path, capsys, model):
+    good = make_folder(tmp_path / "imgs", n=5)
+    metrics = "flipd" if model == "toy-ddpm" else "flipd,flipd_cond"
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", "--batch-size", "2", "--n-probes", "2",
+                    "--seed", "5", metrics=metrics, model=model)
+    assert rc == 0, err
+    rows = _rows(tmp_path / "out")
+    keys = [r["key"] for r in rows]
+    # the library on all images at once: per-sample probe keys make batching irrelevant
+    ref = _library_flipd(model, good, keys, cond="" if model == "toy-sd" else None)
+    np.testing.assert_allclose([r["flipd"] for r in rows], ref, rtol=1e-4, atol=1e-3)
+    if model == "toy-sd":
+        ref_c = _library_flipd(model, good, keys, cond=[r["caption"] for r in rows])
+        np.testing.assert_allclose([r["flipd_cond"] for r in rows], ref_c, rtol=1e-4, atol=1e-3)
+        assert not np.allclose(ref, ref_c)  # the caption matters
+
+
+def test_nb_metric_equals_the_library(tmp_path, capsys):
+    from mmh_fast import normal_bundle
+    from mmh_fast.cli.loader import load_model
+    from mmh_fast.cli.sources import sample_id
+
+    good = make_folder(tmp_path / "imgs", n=3)
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", "--option", "n_samples=48", "--seed", "2",
+                    metrics="nb", model="toy-ddpm")
+    assert rc == 0, err
+    rows = _rows(tmp_path / "out")
+    keys = [r["key"] for r in rows]
+    pipe = load_model("toy-ddpm", device=torch.device("cpu"), dtype=torch.float32).pipeline
+    x = torch.from_numpy(np.stack([good[k] for k in keys])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    ref = normal_bundle(pipe, x, 0.01, n_samples=48, seed=2, sample_ids=torch.tensor([sample_id(k) for k in keys]))
+    assert [r["nb"] for r in rows] == ref.tolist()
+    schema = pq.read_schema(tmp_path / "out" / "results.parquet")
+    assert str(schema.field("nb").type) == "int64"
+
+
+def test_png_metric_and_default_metrics(tmp_path, capsys):
+    from mmh_fast import png_complexity
+
+    good = make_folder(tmp_path / "imgs", n=4, corrupt=(2,))
+    # no --metrics and no --model: the default is png alone
+    rc = main(["scan", "--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"), "--workers", "0"])
+    assert rc == 0, capsys.readouterr().err
+    rows = _rows(tmp_path / "out")
+    for r in rows:
+        if r["key"] in good:
+            assert r["png"] == int(png_complexity(good[r["key"]][None])[0])  # [1, H, W, 3]
+        else:
+            assert r["png"] is None and r["error"].startswith("decode:")
+    meta = json.loads((tmp_path / "out" / "scan.json").read_text())
+    assert meta["settings"]["metrics"] == ["png"] and meta["model"] is None
+    # with a model the default is flipd,png
+    rc = main(["scan", "--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "out2"), "--model", "toy-ddpm",
+               "--workers", "0", "--quiet"])
+    assert rc == 0 and _rows(tmp_path / "out2")[0].keys() >= {"flipd", "png"}
