@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_merge)
 
     r = sub.add_parser("report", help="figures and an HTML/Markdown report of scan results",
-                       description="Density histograms, ROC curves (AUC, TPR at 1%% FPR) and the lowest-LID images "
+                       description="Density histograms, ROC curves (AUC, TPR at 1% FPR) and the lowest-LID images "
                                    "of scan results, as PNG files and one self-contained HTML page (or Markdown).")
     r.add_argument("results", metavar="RESULTS", help="results.parquet (or the scan directory holding it)")
     r.add_argument("--labels", metavar="LABELS",
