@@ -31,8 +31,8 @@ from mmh_fast import ops
 
 # quick / full sizes
 PROBE_SHAPE = {"quick": (64, 4, 32, 32), "full": (256, 4, 64, 64)}
-TRACE_SIZE = {"quick": (32, 512), "full": (64, 2048)}  # (B, d)
-NEIGHBOURHOODS = {"quick": 2_000, "full": 10_000}  # M, with K = 100, D = 64
+TRACE_SIZE = {"quick": (32, 256), "full": (64, 2048)}  # (B, d)
+NEIGHBOURHOODS = {"quick": 1_000, "full": 10_000}  # M, with K = 100, D = 64
 K, D = 100, 64
 
 
