@@ -17,7 +17,7 @@ $(VENV)/.deps: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC) numpy setuptools wheel pybind11 ninja
-	MMH_SKIP_EXT=1 $(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	MMH_SKIP_EXT=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,demo]"
 	touch $@
 
 # Incremental (ninja) in-place build of mmh_fast._C; a no-op when nothing changed.

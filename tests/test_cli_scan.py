@@ -294,6 +294,25 @@ def test_nb_metric_equals_the_library(tmp_path, capsys):
     assert str(schema.field("nb").type) == "int64"
 
 
+def test_cfg_norm_train_metric_equals_the_library(tmp_path, capsys):
+    from mmh_fast.cli.loader import load_model
+    from mmh_fast.text import cfg_norm_train
+
+    good = make_folder(tmp_path / "imgs", n=4)
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", "--batch-size", "3", "--option", "n_euler=2",
+                    metrics="cfg_norm_train", model="toy-sd")
+    assert rc == 0, err
+    rows = _rows(tmp_path / "out")
+    keys = [r["key"] for r in rows]
+    pipe = load_model("toy-sd", device=torch.device("cpu"), dtype=torch.float32).pipeline
+    x = torch.from_numpy(np.stack([good[k] for k in keys])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    ref = cfg_norm_train(pipe, x, [r["caption"] for r in rows], t0=0.01, n_euler=2).double().numpy()
+    np.testing.assert_allclose([r["cfg_norm_train"] for r in rows], ref, rtol=1e-4, atol=1e-5)
+    assert (ref > 0).all()
+    meta = json.loads((tmp_path / "out" / "scan.json").read_text())
+    assert meta["metrics"]["cfg_norm_train"]["lower_is_memorized"] is False
+
+
 def test_png_metric_and_default_metrics(tmp_path, capsys):
     from mmh_fast import png_complexity
 

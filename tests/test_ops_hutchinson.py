@@ -124,6 +124,12 @@ def test_bad_input_errors():
         ops.hutchinson_trace(lambda v: v, [1.0, 2.0], 1)
     with pytest.raises(TypeError, match="floating"):
         ops.hutchinson_trace(lambda v: v, torch.zeros(2, 3, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match="x's device and dtype"):
+        ops.hutchinson_trace(lambda v: v.double(), x, 1)
+    with pytest.raises(ValueError, match=r"matvec returned NaN or inf values \(samples \[1\]\)"):
+        ops.hutchinson_trace(lambda v: v * torch.tensor([[1.0], [float("nan")]]), x, 2)
+    with pytest.raises(ValueError, match="x contains NaN"):
+        ops.hutchinson_trace(lambda v: v, torch.tensor([[0.0, float("inf"), 0.0]]), 1)
     with pytest.raises(ValueError, match="sample_ids"):
         ops.hutchinson_probes((2, 3), 1, sample_ids=torch.tensor([1]))
     with pytest.raises(ValueError, match="non-negative"):
@@ -136,6 +142,19 @@ def test_native_checks_raise_value_errors():
         C.hutchinson_reduce_cpu(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64), 0, 0, 0)
     with pytest.raises(ValueError, match="probe kind"):
         C.hutchinson_probes_cpu(torch.zeros(2, dtype=torch.int64), 3, 0, 1, 0, 5, torch.float32)
+
+
+def test_missing_extension_raises_with_build_instructions(monkeypatch):
+    """Without the compiled extension, import works, backend_info says so and a
+    native call raises NativeExtensionError naming the build command."""
+    from mmh_fast import _native
+
+    monkeypatch.setattr(_native, "_C", None)
+    monkeypatch.setattr(_native, "_IMPORT_ERROR", ImportError("no module named mmh_fast._C"))
+    info = mmh_fast.backend_info()
+    assert info["native"] is False and info["cuda"] is False and "mmh_fast._C" in info["error"]
+    with pytest.raises(_native.NativeExtensionError, match="pip install --no-build-isolation -e ."):
+        ops.hutchinson_trace(lambda v: v, torch.zeros(2, 3), 1)
 
 
 @pytest.mark.cuda

@@ -21,7 +21,10 @@ __all__ = ["main", "build_parser", "UserError"]
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(out=args.out, quick=args.quick)
+    from .demo import DemoConfig
+
+    cfg = DemoConfig.quick_settings(seed=args.seed) if args.quick else DemoConfig(seed=args.seed)
+    run_demo(out=args.out, quick=args.quick, config=cfg, quiet=args.quiet)
     return 0
 
 
@@ -119,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the memorization analysis end to end on embedded data.")
     d.add_argument("--out", default="mmh_demo", help="output directory (default: %(default)s)")
     d.add_argument("--quick", action="store_true", help="smaller settings (under a minute)")
+    d.add_argument("--seed", type=int, default=0, help="seeds the duplicates, training, probes and sampling "
+                                                        "(default: %(default)s)")
+    d.add_argument("--quiet", action="store_true", help="no progress lines or summary table")
     d.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser(
@@ -179,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_merge)
 
     r = sub.add_parser("report", help="figures and an HTML/Markdown report of scan results",
-                       description="Density histograms, ROC curves (AUC, TPR at 1%% FPR) and the lowest-LID images "
+                       description="Density histograms, ROC curves (AUC, TPR at 1% FPR) and the lowest-LID images "
                                    "of scan results, as PNG files and one self-contained HTML page (or Markdown).")
     r.add_argument("results", metavar="RESULTS", help="results.parquet (or the scan directory holding it)")
     r.add_argument("--labels", metavar="LABELS",

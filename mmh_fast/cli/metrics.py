@@ -262,3 +262,15 @@ def _nb(batch, ctx):
     cond = "" if ctx.model.conditional else None
     return normal_bundle(ctx.model.pipeline, batch.images, ctx.t0, cond=cond, seed=ctx.seed,
                          sample_ids=batch.sample_ids, **_pick(ctx.options, _NB_OPTIONS[:-1]))
+
+
+@register_metric("cfg_norm_train", needs_model=True, needs_captions=True, needs_conditional_model=True,
+                 lower_is_memorized=False, options=("n_euler",),
+                 description="CFG-vector norm |s(x_t0, t0, caption) - s(x_t0, t0, '')| of the training image with "
+                             "its caption after n_euler conditional ODE steps to t0 (App. C, Fig. 6); high = memorized")
+def _cfg_norm_train(batch, ctx):
+    from ..text import cfg_norm_train
+
+    caps = ["" if c is None else str(c) for c in batch.captions]
+    return cfg_norm_train(ctx.model.pipeline, batch.images, caps, t0=ctx.t0,
+                          **{k: int(v) for k, v in _pick(ctx.options, ("n_euler",)).items()})

@@ -97,6 +97,8 @@ def hutchinson_trace(matvec: Callable[[torch.Tensor], torch.Tensor], x, n_probes
     if return_stderr and n_probes < 2:
         raise ValueError("return_stderr needs n_probes >= 2 (a standard error from one probe is undefined)")
     kind = _probe_kind(probe)
+    if not bool(torch.isfinite(xt).all()):
+        raise ValueError("x contains NaN or inf values")
     B = xt.shape[0]
     numel = xt[0].numel()
     ids = _sample_ids(sample_ids, B, xt.device)
@@ -109,9 +111,17 @@ def hutchinson_trace(matvec: Callable[[torch.Tensor], torch.Tensor], x, n_probes
         if not isinstance(av, torch.Tensor) or av.shape != xt.shape:
             got = tuple(av.shape) if isinstance(av, torch.Tensor) else type(av).__name__
             raise ValueError(f"matvec must return a tensor shaped like x {tuple(xt.shape)}, got {got}")
+        if av.device != xt.device or av.dtype != xt.dtype:
+            raise ValueError(f"matvec must return a tensor on x's device and dtype ({xt.device}, {xt.dtype}), "
+                             f"got ({av.device}, {av.dtype})")
         _, _, d = reduce(av.detach().reshape(1, B, numel), ids, int(probe_begin) + p, int(seed), kind)
         dots.append(d)
     dots = torch.cat(dots, 0)  # [P, B] float64
+    bad = ~torch.isfinite(dots).all(0)
+    if bool(bad.any()):  # one [B] check, not one per element of A v: a NaN never passes silently
+        rows = torch.nonzero(bad).reshape(-1)[:8].tolist()
+        raise ValueError(f"matvec returned NaN or inf values (samples {rows}{'...' if int(bad.sum()) > 8 else ''}); "
+                         "check x and the operator")
     out_dtype = torch.float64 if xt.dtype == torch.float64 else torch.float32
     est = dots.mean(0).to(out_dtype)
     if not return_stderr:
