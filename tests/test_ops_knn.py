@@ -186,3 +186,24 @@ def test_cuda_matches_cpu_kernel():
     dg, ig = ops.knn(x.cuda(), q.cuda(), 1100)
     assert (ig.cpu() == ic).float().mean() > 0.999
     torch.testing.assert_close(dg.cpu(), dc, rtol=1e-6, atol=1e-6)
+
+
+def test_large_d_query_blocks_match_brute_force():
+    # D >= 512 with enough queries for query blocks above 64 rows (up to 256):
+    # the same neighbours and distances as a float64 brute force, including
+    # near copies of data points among the queries
+    x = _points(1500, 640, torch.float32, seed=3)
+    q = _points(1100, 640, torch.float32, seed=4)
+    q[:20] = x[:20] + 1e-3 * q[:20]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # 1100 / (4 x 2) rows per block: above 64
+    try:
+        dist, idx = ops.knn(x, q, 12)
+    finally:
+        torch.set_num_threads(threads)
+    xd, qd = x.double().numpy(), q.double().numpy()
+    d2 = (qd * qd).sum(1)[:, None] + (xd * xd).sum(1)[None] - 2 * qd @ xd.T
+    want_i = np.argsort(d2, axis=1, kind="stable")[:, :12]
+    np.testing.assert_array_equal(idx.numpy(), want_i)
+    want_d = np.sqrt(((qd[:, None, :] - xd[want_i]) ** 2).sum(-1))
+    np.testing.assert_allclose(dist.numpy(), want_d, rtol=4 * np.finfo(np.float32).eps)

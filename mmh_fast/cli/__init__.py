@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         "`torchrun --nproc-per-node N -m mmh_fast scan ...` (one shard/file set per rank).")
     s.add_argument("--model", metavar="MODEL",
                    help="a local diffusers pipeline directory (SD 1.x/2.x, DDPM, DDIM; nothing is downloaded) "
-                        "or a built-in toy model: toy-ddpm")
+                        "or a built-in toy model with random weights: toy-ddpm (unconditional pixels), toy-sd (a tiny "
+                        "Stable Diffusion)")
     s.add_argument("--data", required=True, metavar="SOURCE", help="the images (see above)")
     s.add_argument("--out", required=True, metavar="DIR", help="output directory (resumed when it exists)")
     s.add_argument("--metrics", metavar="M1,M2",

@@ -89,6 +89,9 @@ class Denoiser:
         B = x_t.shape[0]
         x_in = self.schedule.precondition_inputs(x_t, torch.as_tensor(sigma, dtype=x_t.dtype, device=x_t.device))
         ts = timestep.to(x_t.device).expand(B) if timestep.dim() == 0 else timestep.to(x_t.device)
+        # floating condition tensors (embeddings) follow the network's precision, as x does
+        kwargs = {k: v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != self.dtype
+                  else v for k, v in kwargs.items()}
         out = output_tensor(self.model(x_in.to(self.dtype), ts, **kwargs))
         if out.shape != x_t.shape:
             raise ValueError(f"model returned shape {tuple(out.shape)} for input shape {tuple(x_t.shape)}; "
