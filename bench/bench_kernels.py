@@ -25,7 +25,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _harness import compare
+from _harness import compare, manifold_data
 
 from mmh_fast import ops
 
@@ -97,23 +97,10 @@ def test_hutchinson_trace_vs_plain_loop(benchmark, tier):
     assert float(z.max()) < 6.0  # B samples, each within a few standard errors of the exact trace
 
 
-def _manifold(n, seed=0):
-    """A 5-sphere and a 10-dim patch in random subspaces of R^64 plus noise
-    (the same recipe as bench_lpca.manifold_data), float32."""
-    rng = np.random.default_rng(seed)
-    a = rng.normal(size=(n // 2, 6))
-    a /= np.linalg.norm(a, axis=1, keepdims=True)
-    b = rng.uniform(-1, 1, size=(n - n // 2, 10))
-    ra = np.linalg.qr(rng.normal(size=(D, 6)))[0]
-    rb = np.linalg.qr(rng.normal(size=(D, 10)))[0]
-    x = np.concatenate([a @ ra.T, b @ rb.T + 5.0]) + 0.01 * rng.normal(size=(n, D))
-    return torch.from_numpy(x.astype(np.float32))
-
-
 @pytest.fixture(scope="module")
 def neighbourhoods(tier):
     m = NEIGHBOURHOODS[tier]
-    x = _manifold(m)
+    x = torch.from_numpy(manifold_data(m, D))
     _, nb = ops.knn(x, k=K)
     return x, nb
 

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _harness import best_time, compare
+from _harness import best_time, compare, manifold_data
 
 import mmh_fast
 from mmh_fast import ops
@@ -28,19 +28,6 @@ D, K = 64, 100
 # quick: a smaller N so that the whole quick tier fits in 3 minutes (skdim costs
 # ~10-20 ms a point here); full: the issue's N = 10,000
 SIZES = {"quick": 1_000, "full": 10_000}
-
-
-def manifold_data(n, D, seed=0, noise=0.01):
-    """Half the points on a 5-sphere, half on a 10-dim linear patch, both in
-    random subspaces of R^D, plus isotropic noise (float32)."""
-    rng = np.random.default_rng(seed)
-    a = rng.normal(size=(n // 2, 6))
-    a /= np.linalg.norm(a, axis=1, keepdims=True)
-    b = rng.uniform(-1, 1, size=(n - n // 2, 10))
-    ra = np.linalg.qr(rng.normal(size=(D, 6)))[0]
-    rb = np.linalg.qr(rng.normal(size=(D, 10)))[0]
-    x = np.concatenate([a @ ra.T, b @ rb.T + 5.0]) + noise * rng.normal(size=(n, D))
-    return x.astype(np.float32)
 
 
 _ANCHORS = {}
