@@ -275,19 +275,26 @@ def test_flipd_metrics_equal_the_library_on_the_same_images(tmp_path, capsys, mo
         assert not np.allclose(ref, ref_c)  # the caption matters
 
 
-def test_nb_metric_equals_the_library(tmp_path, capsys):
-    from mmh_fast import normal_bundle
+def _scan_with_inputs(tmp_path, capsys, n, model, metrics, *args):
+    """Scan n images; return (rows, the model's pipeline, the images as the library takes them [n, 3, H, W])."""
     from mmh_fast.cli.loader import load_model
-    from mmh_fast.cli.sources import sample_id
 
-    good = make_folder(tmp_path / "imgs", n=3)
-    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", "--option", "n_samples=48", "--seed", "2",
-                    metrics="nb", model="toy-ddpm")
+    good = make_folder(tmp_path / "imgs", n=n)
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", *args, metrics=metrics, model=model)
     assert rc == 0, err
     rows = _rows(tmp_path / "out")
+    pipe = load_model(model, device=torch.device("cpu"), dtype=torch.float32).pipeline
+    x = torch.from_numpy(np.stack([good[r["key"]] for r in rows])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return rows, pipe, x
+
+
+def test_nb_metric_equals_the_library(tmp_path, capsys):
+    from mmh_fast import normal_bundle
+    from mmh_fast.cli.sources import sample_id
+
+    rows, pipe, x = _scan_with_inputs(tmp_path, capsys, 3, "toy-ddpm", "nb", "--option", "n_samples=48",
+                                      "--seed", "2")
     keys = [r["key"] for r in rows]
-    pipe = load_model("toy-ddpm", device=torch.device("cpu"), dtype=torch.float32).pipeline
-    x = torch.from_numpy(np.stack([good[k] for k in keys])).permute(0, 3, 1, 2).float() / 127.5 - 1
     ref = normal_bundle(pipe, x, 0.01, n_samples=48, seed=2, sample_ids=torch.tensor([sample_id(k) for k in keys]))
     assert [r["nb"] for r in rows] == ref.tolist()
     schema = pq.read_schema(tmp_path / "out" / "results.parquet")
@@ -295,17 +302,10 @@ def test_nb_metric_equals_the_library(tmp_path, capsys):
 
 
 def test_cfg_norm_train_metric_equals_the_library(tmp_path, capsys):
-    from mmh_fast.cli.loader import load_model
     from mmh_fast.text import cfg_norm_train
 
-    good = make_folder(tmp_path / "imgs", n=4)
-    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", "--batch-size", "3", "--option", "n_euler=2",
-                    metrics="cfg_norm_train", model="toy-sd")
-    assert rc == 0, err
-    rows = _rows(tmp_path / "out")
-    keys = [r["key"] for r in rows]
-    pipe = load_model("toy-sd", device=torch.device("cpu"), dtype=torch.float32).pipeline
-    x = torch.from_numpy(np.stack([good[k] for k in keys])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    rows, pipe, x = _scan_with_inputs(tmp_path, capsys, 4, "toy-sd", "cfg_norm_train", "--batch-size", "3",
+                                      "--option", "n_euler=2")
     ref = cfg_norm_train(pipe, x, [r["caption"] for r in rows], t0=0.01, n_euler=2).double().numpy()
     np.testing.assert_allclose([r["cfg_norm_train"] for r in rows], ref, rtol=1e-4, atol=1e-5)
     assert (ref > 0).all()

@@ -30,13 +30,7 @@
 #include <cmath>
 #include <cstdint>
 
-#ifndef MMH_HD
-#if defined(__CUDACC__)
-#define MMH_HD __host__ __device__ __forceinline__
-#else
-#define MMH_HD inline
-#endif
-#endif
+#include "host_device.h"
 
 namespace mmh {
 namespace rank_rules {
