@@ -22,7 +22,6 @@ Run: .venv/bin/python -m pytest bench/bench_kernels.py -q -o addopts= --benchmar
 """
 import math
 
-import numpy as np
 import pytest
 import torch
 from _harness import compare, manifold_data
