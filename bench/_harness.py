@@ -6,7 +6,7 @@ import gc
 import time
 from typing import Any, Callable
 
-__all__ = ["best_time", "compare", "peak_rss_delta_mib"]
+__all__ = ["best_time", "compare", "manifold_data", "peak_rss_delta_mib"]
 
 
 def best_time(fn: Callable[[], Any], rounds: int = 3, warmup: int = 1) -> float:
@@ -55,3 +55,18 @@ def peak_rss_delta_mib(fn: Callable[[], Any]) -> float:
     fn()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return (after - before) / 1024.0
+
+
+def manifold_data(n, D, seed=0, noise=0.01):
+    """Half the points on a 5-sphere, half on a 10-dim linear patch, both in
+    random subspaces of R^D, plus isotropic noise (float32)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n // 2, 6))
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b = rng.uniform(-1, 1, size=(n - n // 2, 10))
+    ra = np.linalg.qr(rng.normal(size=(D, 6)))[0]
+    rb = np.linalg.qr(rng.normal(size=(D, 10)))[0]
+    x = np.concatenate([a @ ra.T, b @ rb.T + 5.0]) + noise * rng.normal(size=(n, D))
+    return x.astype(np.float32)

@@ -38,7 +38,7 @@ def loop_ranks(G, z, vectorize):
 
 @pytest.mark.tier("quick", "full")
 def test_jacobian_rank_vs_autograd_jacobian_loop(benchmark, tier):
-    B = 8 if tier == "quick" else 64
+    B = 4 if tier == "quick" else 64
     G = mlp_generator()
     z = torch.randn(B, 64, generator=torch.Generator().manual_seed(1))
     out = {}

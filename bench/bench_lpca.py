@@ -3,7 +3,7 @@ side in one run (issues 2 and 4):
 
 - ops.local_pca / ops.local_pca_count / lpca(rule="fo") (kNN included) vs
   skdim.id.lPCA().fit_pw at N = 10,000, D = 64, k = 100: >= 20x faster, same
-  integer LIDs for >= 99% of points; where the time goes (kNN, FO count,
+  integer LIDs for >= 99% of points (full tier; quick: N = 1,000); where the time goes (kNN, FO count,
   full spectra);
 - mle_lid and twonn_lid vs skdim's MLE / TwoNN.fit_pw: >= 10x, same values;
 - lpca at N = 50,000, D = 784 (MNIST-sized; full tier, skdim estimated);
@@ -17,27 +17,17 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _harness import best_time, compare
+from _harness import best_time, compare, manifold_data
 
 import mmh_fast
 from mmh_fast import ops
 
 skdim = pytest.importorskip("skdim")
 
-N, D, K = 10_000, 64, 100
-
-
-def manifold_data(n, D, seed=0, noise=0.01):
-    """Half the points on a 5-sphere, half on a 10-dim linear patch, both in
-    random subspaces of R^D, plus isotropic noise (float32)."""
-    rng = np.random.default_rng(seed)
-    a = rng.normal(size=(n // 2, 6))
-    a /= np.linalg.norm(a, axis=1, keepdims=True)
-    b = rng.uniform(-1, 1, size=(n - n // 2, 10))
-    ra = np.linalg.qr(rng.normal(size=(D, 6)))[0]
-    rb = np.linalg.qr(rng.normal(size=(D, 10)))[0]
-    x = np.concatenate([a @ ra.T, b @ rb.T + 5.0]) + noise * rng.normal(size=(n, D))
-    return x.astype(np.float32)
+D, K = 64, 100
+# quick: a smaller N so that the whole quick tier fits in 3 minutes (skdim costs
+# ~10-20 ms a point here); full: the issue's N = 10,000
+SIZES = {"quick": 1_000, "full": 10_000}
 
 
 _ANCHORS = {}
@@ -67,7 +57,8 @@ def _skdim_fo(x):
 
 
 @pytest.mark.tier("quick", "full")
-def test_lpca_fo_vs_skdim(benchmark):
+def test_lpca_fo_vs_skdim(benchmark, tier):
+    N = SIZES[tier]
     x = manifold_data(N, D)
     anchor_s, theirs = _skdim_fo(x)
     ours = benchmark.pedantic(lambda: mmh_fast.lpca(x, k=K, rule="fo"), rounds=3, warmup_rounds=1, iterations=1)
@@ -87,9 +78,10 @@ def test_lpca_fo_vs_skdim(benchmark):
 
 
 @pytest.mark.tier("quick", "full")
-def test_local_pca_spectra_vs_skdim(benchmark):
+def test_local_pca_spectra_vs_skdim(benchmark, tier):
     """ops.local_pca (kNN included) then the FO rule on the spectra: the
     issue-2 benchmark of the kernel entry itself."""
+    N = SIZES[tier]
     x = manifold_data(N, D)
     anchor_s, theirs = _skdim_fo(x)
     ev = benchmark.pedantic(lambda: ops.local_pca(x, K), rounds=2, warmup_rounds=1, iterations=1)
@@ -102,9 +94,10 @@ def test_local_pca_spectra_vs_skdim(benchmark):
 
 
 @pytest.mark.tier("quick", "full")
-def test_mle_vs_skdim(benchmark):
+def test_mle_vs_skdim(benchmark, tier):
+    N = SIZES[tier]
     x = manifold_data(N, D).astype(np.float64)
-    anchor_s, theirs = _anchor("skdim MLE", lambda: skdim.id.MLE().fit(x, n_neighbors=20).dimension_pw_)
+    anchor_s, theirs = _anchor(f"skdim MLE {N}", lambda: skdim.id.MLE().fit(x, n_neighbors=20).dimension_pw_)
     ours = benchmark.pedantic(lambda: mmh_fast.mle_lid(x, k=20), rounds=3, warmup_rounds=1, iterations=1)
     _record(benchmark, "skdim.id.MLE().fit(n_neighbors=20).dimension_pw_", anchor_s,
             ">= 10x faster, same values", N=N, D=D, k=20,
@@ -116,7 +109,7 @@ def test_mle_vs_skdim(benchmark):
 def test_twonn_vs_skdim(benchmark, tier):
     # skdim's TwoNN.fit_pw costs ~20-40 ms a point here: N is smaller than
     # the other benchmarks' so that the anchor runs in about a minute
-    n = 4_000 if tier == "full" else 1_500
+    n = 4_000 if tier == "full" else 600
     x = manifold_data(n, D).astype(np.float64)
 
     def anchor():

@@ -11,7 +11,7 @@ from _harness import compare, peak_rss_delta_mib
 
 from mmh_fast.retrieval import calibrated_l2
 
-SIZES = {"quick": (1000, 10000, 3072), "full": (10000, 50000, 3072)}
+SIZES = {"quick": (500, 10000, 3072), "full": (10000, 50000, 3072)}
 N_NEIGHBORS, ALPHA = 50, 0.5
 
 
@@ -35,7 +35,7 @@ def test_calibrated_l2_cpu(benchmark, tier):
     m, n, d = SIZES[tier]
     gen, train = _data(m, n, d)
     rss = peak_rss_delta_mib(lambda: calibrated_l2(gen, train, n=N_NEIGHBORS, alpha=ALPHA))
-    rounds, warmup = (3, 1) if tier == "quick" else (1, 0)
+    rounds, warmup = (2, 1) if tier == "quick" else (1, 0)
     ours = compare(benchmark, lambda: calibrated_l2(gen, train, n=N_NEIGHBORS, alpha=ALPHA),
                    lambda: _sklearn(gen, train), anchor_name="sklearn NearestNeighbors(brute, 50) + numpy",
                    rounds=rounds, warmup=warmup, target="speedup >= 3 (issue 6)",

@@ -82,18 +82,19 @@ def test_cfg_norm_one_step_vs_one_two_branch_call(benchmark, pipe, tier):
         return cfg_norm(pipe, prompts, num_images=NUM_IMAGES)
 
     anchor = _two_branch_call(pipe, prompts, NUM_IMAGES)
-    compare(benchmark, ours, anchor, anchor_name="one two-branch UNet call on the same rows", rounds=15, warmup=3,
+    compare(benchmark, ours, anchor, anchor_name="one two-branch UNet call on the same rows",
+            rounds=15 if tier == "full" else 8, warmup=3 if tier == "full" else 2,
             target="cfg_norm(steps=(0, 1)) <= 1.2 x one two-branch UNet call per image",
             prompts=len(prompts), num_images=NUM_IMAGES)
     benchmark.extra_info["prompts_per_s"] = len(prompts) / benchmark.extra_info["ours_s"]
-    benchmark.extra_info["ratio_interleaved"] = interleaved_ratio(ours, anchor, 20)
+    benchmark.extra_info["ratio_interleaved"] = interleaved_ratio(ours, anchor, 20 if tier == "full" else 10)
 
 
 @pytest.mark.tier("quick", "full")
 @pytest.mark.parametrize("metric", ["flipd", "cfg"])
 def test_token_attributions_in_unet_calls(benchmark, pipe, tier, metric):
     prompt = PROMPTS[0]
-    steps = 50 if tier != "quick" else 20
+    steps = 50 if tier != "quick" else 10
     call = _two_branch_call(pipe, [prompt], NUM_IMAGES)
     reps = 10
 
@@ -104,7 +105,7 @@ def test_token_attributions_in_unet_calls(benchmark, pipe, tier, metric):
     def ours():
         return token_attributions(pipe, prompt, metric=metric, num_images=NUM_IMAGES, num_inference_steps=steps)
 
-    rounds = 3
+    rounds = 3 if tier != "quick" else 2
     compare(benchmark, ours, anchor, anchor_name=f"{reps} two-branch UNet calls (num_images rows each)",
             rounds=rounds, warmup=1, num_inference_steps=steps, num_images=NUM_IMAGES,
             evaluated_steps=len([t for t in ddim_grid(pipe.scheduler, steps).times
