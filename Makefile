@@ -31,11 +31,13 @@ test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 BENCH_TIER ?= quick
+# the GPU tier compares with the GPU baseline, the CPU tiers with theirs
+BENCH_BASELINE ?= bench/baselines/$(if $(filter gpu,$(BENCH_TIER)),gpu,cpu-$(BENCH_TIER)).json
 bench: build
 	mkdir -p .benchmarks
 	$(PY) -m pytest bench -q -o addopts= --benchmark-enable --benchmark-only --tier $(BENCH_TIER) \
 		--benchmark-json=.benchmarks/latest.json $(BENCH_ARGS)
-	$(PY) bench/check.py .benchmarks/latest.json --baseline bench/baselines/cpu-$(BENCH_TIER).json $(CHECK_ARGS)
+	$(PY) bench/check.py .benchmarks/latest.json --baseline $(BENCH_BASELINE) $(CHECK_ARGS)
 
 cuda-check: $(VENV)/.deps
 	cmake -S . -B build/cuda-check -DPython_EXECUTABLE=$(abspath $(PY))
