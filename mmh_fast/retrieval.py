@@ -222,8 +222,12 @@ def _train_chunks(train, chunk_rows: int | None) -> Iterator[torch.Tensor]:
         if train.ndim < 2:
             raise ValueError(f"train must be [N, ...], got shape {train.shape}")
         step = rows_per_chunk(train.shape)
+        # an in-memory, writable, C-contiguous array is cut into views (copying it cost as much as
+        # the search); a memory map or a read-only / strided array is read chunk by chunk into copies
+        view = (not isinstance(train, np.memmap) and train.flags.writeable and train.flags.c_contiguous)
         for i in range(0, train.shape[0], step):
-            yield _rows_as_tensor(np.array(train[i:i + step]), "train")  # a writable copy of the chunk
+            rows = train[i:i + step]
+            yield _rows_as_tensor(rows if view else np.array(rows), "train")
         return
     if isinstance(train, (str, bytes)) or not isinstance(train, Iterable):
         raise TypeError("train must be a tensor, a numpy array (memory-mapped for large sets) or an iterable of "
