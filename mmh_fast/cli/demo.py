@@ -22,7 +22,6 @@ is the textbook cause of data-driven memorization (DD-Mem). The demo
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -232,9 +231,7 @@ def _run(cfg: DemoConfig, out: str, quick: bool, quiet: bool, report: bool) -> D
     lid_model = flipd(net, x, cfg.t0, scheduler=scheduler, seed=cfg.seed, batch_size=512).double().numpy()
     log.step("flipd", f"LID_theta: FLIPD at t0 = {cfg.t0} (exact trace, d = {d}) for {n} images")
     lid_all = lpca(train.reshape(len(rows), -1), k=cfg.k, rule="paper", seed=cfg.seed, progress=False)
-    first = np.zeros(n, dtype=np.int64)
-    first[rows[::-1]] = np.arange(len(rows))[::-1]  # the first training row of each image
-    lid_data = lid_all.numpy()[first].astype(np.float64)
+    lid_data = lid_all.numpy()[:n].astype(np.float64)  # rows[:n] holds each image once, in order
     log.step("lpca", f"LID_*: local PCA, paper rule, k = {cfg.k}, on the {len(rows)} training images")
     png = png_complexity(images, value_range=(-1.0, 1.0)).astype(np.float64)
     log.step("png", "PNG complexity (bytes at compression level 9)")
@@ -255,14 +252,13 @@ def _run(cfg: DemoConfig, out: str, quick: bool, quiet: bool, report: bool) -> D
     # FLIPD and local PCA are different estimators, so they are first put on one scale (FLIPD
     # times median LID_* / median FLIPD over the dataset), and "clearly below" must exceed their
     # typical disagreement: the OD-Mem margin is three robust standard deviations (1.4826 MAD)
-    # of the difference (never below classify_memorization's own default).
+    # of the difference, never below classify_memorization's own default margin.
     t_clamped = np.clip(lid_model, 0, d)
     t_scale = float(np.median(lid_data)) / max(float(np.median(t_clamped)), 1e-12)
     t_clamped = t_clamped * t_scale
     diff = t_clamped - lid_data
     spread = 3 * 1.4826 * float(np.median(np.abs(diff - np.median(diff))))
-    q25, q75 = np.percentile(lid_data, [25, 75])
-    margin = max(spread, 0.5 * float(q75 - q25), 0.1 * abs(float(np.median(lid_data))))
+    margin = max(spread, classify_memorization(t_clamped, lid_data).margin)
     classes = classify_memorization(t_clamped, lid_data, margin=margin)
     log.info(f"classes: FLIPD x {t_scale:.3f} onto the LID_* scale, margin {margin:.2f}")
     labels = classes.labels
@@ -336,10 +332,10 @@ def _print_summary(res: DemoResult, signals, duplicated, keys, lid_data, lid_mod
     w(f"\nMemorization classes (classify_memorization, low = {classes.low:.2f}, margin = {classes.margin:.2f}): "
       f"DD-Mem {c['dd_mem']}, OD-Mem {c['od_mem']}, none {c['none']}\n")
     for label, name in (("dd_mem", "DD-Mem"), ("od_mem", "OD-Mem")):
-        flagged = res.flagged[label]
-        if flagged:
-            show = ", ".join(f"{k} (LID_* {lid_data[int(k[6:])]:.0f}, FLIPD {lid_model[int(k[6:])]:.1f}"
-                             f"{', duplicated' if duplicated[int(k[6:])] else ''})" for k in flagged[:8])
+        flagged = np.nonzero(classes.labels == label)[0]
+        if len(flagged):
+            show = ", ".join(f"{keys[i]} (LID_* {lid_data[i]:.0f}, FLIPD {lid_model[i]:.1f}"
+                             f"{', duplicated' if duplicated[i] else ''})" for i in flagged[:8])
             more = f" and {len(flagged) - 8} more" if len(flagged) > 8 else ""
             w(f"  {name}: {show}{more}\n")
     g = res.generations
@@ -348,5 +344,3 @@ def _print_summary(res: DemoResult, signals, duplicated, keys, lid_data, lid_mod
       f"{g['distinct_images_copied']} distinct images copied.\n")
     w(f"\nResults: {os.path.join(res.out, 'results.parquet')}\nReport:  {res.report}\n"
       f"Total time: {res.seconds['total']:.0f} s\n")
-    if not math.isfinite(res.seconds["total"]):  # pragma: no cover
-        return
