@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <algorithm>
 #include <c10/util/Optional.h>
 
 #include "checks.h"
@@ -46,6 +47,25 @@ inline int64_t check_knn_args(const at::Tensor& data, const at::Tensor& queries,
     MMH_CHECK_VALUE(self_offset + M <= N, "self_offset + number of queries exceeds N");
   }
   return avail;
+}
+
+// What knn_cpu and knn_cuda both start from: checked arguments, contiguous
+// inputs, the [M, k] outputs and kk = min(k + extra, candidates).
+struct KnnLaunch {
+  at::Tensor x, q, out_d, out_i;
+  int64_t kk;
+};
+
+inline KnnLaunch prepare_knn(const at::Tensor& data, const at::Tensor& queries, int64_t k,
+                             int64_t self_offset, int64_t extra, bool cuda) {
+  const int64_t avail = check_knn_args(data, queries, k, self_offset, extra, cuda);
+  KnnLaunch L;
+  L.x = data.contiguous();
+  L.q = queries.contiguous();
+  L.out_d = at::empty({queries.size(0), k}, L.x.options());
+  L.out_i = at::empty({queries.size(0), k}, L.x.options().dtype(at::kLong));
+  L.kk = std::min(k + extra, avail);
+  return L;
 }
 
 // local_pca_* arguments: data [N, D] and neighbours [M, K] int64 indexing it.

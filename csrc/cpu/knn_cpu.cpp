@@ -239,18 +239,12 @@ void knn_kernel(const at::Tensor& x, const at::Tensor& q, int64_t k, int64_t sel
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& data, const at::Tensor& queries,
                                            int64_t k, int64_t self_offset, bool squared,
                                            int64_t extra) {
-  const int64_t avail = check_knn_args(data, queries, k, self_offset, extra, /*cuda=*/false);
-  const int64_t M = queries.size(0);
-  const auto x = data.contiguous();
-  const auto q = queries.contiguous();
-  auto out_d = at::empty({M, k}, x.options());
-  auto out_i = at::empty({M, k}, x.options().dtype(at::kLong));
-  if (M == 0) return {out_d, out_i};
-  const int64_t kk = std::min(k + extra, avail);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "knn_cpu", [&] {
-    knn_kernel<scalar_t>(x, q, k, self_offset, squared, kk, out_d, out_i);
+  auto L = prepare_knn(data, queries, k, self_offset, extra, /*cuda=*/false);
+  if (L.q.size(0) == 0) return {L.out_d, L.out_i};
+  AT_DISPATCH_FLOATING_TYPES(L.x.scalar_type(), "knn_cpu", [&] {
+    knn_kernel<scalar_t>(L.x, L.q, k, self_offset, squared, L.kk, L.out_d, L.out_i);
   });
-  return {out_d, out_i};
+  return {L.out_d, L.out_i};
 }
 
 }  // namespace mmh

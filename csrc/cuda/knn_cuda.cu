@@ -140,15 +140,15 @@ __global__ void exact_kernel(const T* __restrict__ x, const T* __restrict__ q, i
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& data, const at::Tensor& queries,
                                             int64_t k, int64_t self_offset, bool squared,
                                             int64_t extra) {
-  const int64_t avail = check_knn_args(data, queries, k, self_offset, extra, /*cuda=*/true);
+  auto L = prepare_knn(data, queries, k, self_offset, extra, /*cuda=*/true);
   const int64_t N = data.size(0), M = queries.size(0), D = data.size(1);
   c10::cuda::CUDAGuard guard(data.device());
-  const auto x = data.contiguous();
-  const auto q = queries.contiguous();
-  auto out_d = at::empty({M, k}, x.options());
-  auto out_i = at::empty({M, k}, x.options().dtype(at::kLong));
+  const auto& x = L.x;
+  const auto& q = L.q;
+  auto& out_d = L.out_d;
+  auto& out_i = L.out_i;
   if (M == 0) return {out_d, out_i};
-  const int64_t kk = std::min(k + extra, avail);
+  const int64_t kk = L.kk;
   const auto mean = x.mean(0, /*keepdim=*/true);
   const auto xc = (x - mean).contiguous();
   const auto qm2 = ((q - mean) * -2.0).contiguous();
