@@ -31,14 +31,22 @@ def _sklearn(gen, train):
 
 
 @pytest.mark.tier("quick", "full")
-def test_calibrated_l2_cpu(benchmark, tier):
+@pytest.mark.parametrize("precision", ["auto", "full"])
+def test_calibrated_l2_cpu(benchmark, tier, precision):
+    """precision="auto" screens candidates with a bf16 GEMM where the CPU has
+    bf16 instructions (the default); "full" with a float32 GEMM. Both return
+    the exact scores."""
+    from mmh_fast.ops.knn import cpu_has_native_bf16
+
     m, n, d = SIZES[tier]
     gen, train = _data(m, n, d)
-    rss = peak_rss_delta_mib(lambda: calibrated_l2(gen, train, n=N_NEIGHBORS, alpha=ALPHA))
+    run = lambda: calibrated_l2(gen, train, n=N_NEIGHBORS, alpha=ALPHA, precision=precision)  # noqa: E731
+    rss = peak_rss_delta_mib(run)
     rounds, warmup = (2, 1) if tier == "quick" else (1, 0)
-    ours = compare(benchmark, lambda: calibrated_l2(gen, train, n=N_NEIGHBORS, alpha=ALPHA),
+    ours = compare(benchmark, run,
                    lambda: _sklearn(gen, train), anchor_name="sklearn NearestNeighbors(brute, 50) + numpy",
                    rounds=rounds, warmup=warmup, target="speedup >= 3 (issue 6)",
                    size=f"{m} x {n} x {d} float32", peak_rss_growth_mib=rss,
+                   screen="bf16" if precision == "auto" and cpu_has_native_bf16() else "float32",
                    input_mib=(gen.nbytes + train.nbytes) / 2**20)
     np.testing.assert_allclose(ours[:200], _sklearn(gen[:200], train), rtol=1e-4)  # the same numbers

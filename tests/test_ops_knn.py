@@ -207,3 +207,74 @@ def test_large_d_query_blocks_match_brute_force():
     np.testing.assert_array_equal(idx.numpy(), want_i)
     want_d = np.sqrt(((qd[:, None, :] - xd[want_i]) ** 2).sum(-1))
     np.testing.assert_allclose(dist.numpy(), want_d, rtol=4 * np.finfo(np.float32).eps)
+
+
+# --- bf16 screening (CPU): certified, so the same result as the float32 screen ---------
+
+
+def _brute(x, q, k, exclude_self=False):
+    xd, qd = x.double().numpy(), q.double().numpy()
+    d2 = ((qd[:, None, :] - xd[None]) ** 2).sum(-1)
+    if exclude_self:
+        np.fill_diagonal(d2, np.inf)
+    order = np.lexsort((np.broadcast_to(np.arange(x.shape[0]), d2.shape), d2), axis=1)[:, :k]
+    return np.sqrt(np.take_along_axis(d2, order, 1)), order
+
+
+@pytest.mark.parametrize("n,m,d,k", [(2000, 300, 784, 20), (600, 80, 300, 50), (400, 400, 64, 10)])
+def test_bf16_screen_matches_float64_brute_force(n, m, d, k):
+    # uniform data in high D: distances crowd together (the hard case for a
+    # screen in bf16), plus near copies of data points among the queries
+    g = torch.Generator().manual_seed(n)
+    x = torch.rand(n, d, generator=g)
+    q = torch.rand(m, d, generator=g)
+    q[:10] = x[:10] + 1e-3 * torch.randn(10, d, generator=g)
+    dist, idx = ops.knn(x, q, k, precision="bf16")
+    want_d, want_i = _brute(x, q, k)
+    np.testing.assert_array_equal(idx.numpy(), want_i)
+    np.testing.assert_allclose(dist.numpy(), want_d, rtol=4 * np.finfo(np.float32).eps)
+    fd, fi = ops.knn(x, q, k, precision="full")
+    assert torch.equal(fi, idx) and torch.equal(fd, dist)
+    # self mode, squared
+    sd, si = ops.knn(x[:300], k=k, precision="bf16", squared=True)
+    want_d, want_i = _brute(x[:300], x[:300], k, exclude_self=True)
+    np.testing.assert_array_equal(si.numpy(), want_i)
+    np.testing.assert_allclose(sd.numpy(), want_d**2, rtol=8 * np.finfo(np.float32).eps)
+
+
+def test_bf16_screen_falls_back_where_it_cannot_certify():
+    # every data point at the same distance from the query up to float32
+    # rounding: no bf16 screen can order them, so the certificate must send the
+    # row to the float32 screen, and the answer is still the exact one
+    from mmh_fast._native import native
+
+    g = torch.Generator().manual_seed(0)
+    d = 512
+    v = torch.randn(3000, d, generator=g, dtype=torch.float64)
+    v = v / v.norm(dim=1, keepdim=True)
+    x = (v * (1 + 1e-4 * torch.rand(3000, 1, generator=g, dtype=torch.float64))).float()  # a thin shell
+    q = torch.zeros(4, d)
+    spread = torch.randn(200, d, generator=g)  # and ordinary queries, which certify
+    q = torch.cat([q, spread])
+    dist, idx, redone = native().knn_bf16_cpu(x, q, 30, -1, False, 32, 4.0)
+    assert 4 <= redone < 60
+    want_d, want_i = _brute(x, q, 30)
+    np.testing.assert_array_equal(idx.numpy(), want_i)
+    np.testing.assert_allclose(dist.numpy(), want_d, rtol=4 * np.finfo(np.float32).eps)
+
+
+def test_precision_choice_and_errors():
+    from mmh_fast.ops.knn import BF16_MIN_FEATURES, cpu_has_native_bf16, screens_in_bf16
+
+    native_bf16 = cpu_has_native_bf16()
+    assert screens_in_bf16("auto", torch.float32, "cpu", BF16_MIN_FEATURES) == native_bf16
+    assert not screens_in_bf16("auto", torch.float32, "cpu", BF16_MIN_FEATURES - 1)
+    assert not screens_in_bf16("auto", torch.float64, "cpu", 4096)
+    assert not screens_in_bf16("auto", torch.float32, "cuda", 4096)
+    assert not screens_in_bf16("full", torch.float32, "cpu", 4096)
+    assert screens_in_bf16("bf16", torch.float32, "cpu", 3)
+    x = _points(50, 8, torch.float64)
+    with pytest.raises(ValueError, match="precision='bf16'.*float32"):
+        ops.knn(x, k=3, precision="bf16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ops.knn(x, k=3, precision="fp8")

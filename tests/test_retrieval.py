@@ -57,6 +57,29 @@ def test_calibrated_l2_matches_brute_force(data, dtype):
     np.testing.assert_allclose(got_t.numpy(), _brute_calibrated(gen, train, 7, 0.3)[0], rtol=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["auto", "full", "bf16"])
+def test_calibrated_l2_every_precision_is_exact(precision, monkeypatch):
+    # CIFAR-shaped rows (D = 768 here), where "auto" screens in bf16 on CPUs
+    # with bf16 instructions: the scores and nearest indices are the float64
+    # brute force's in every mode, streamed in several chunks too
+    import mmh_fast.retrieval as retrieval
+
+    rng = np.random.default_rng(1)
+    train = rng.random((700, 3, 16, 16), dtype=np.float32)
+    gen = rng.random((60, 3, 16, 16), dtype=np.float32)
+    gen[:6] = train[[0, 10, 10, 99, 500, 699]] + 0.01 * rng.standard_normal((6, 3, 16, 16)).astype(np.float32)
+    want, nearest = _brute_calibrated(gen, train, 50, 0.5)
+    got, idx = calibrated_l2(gen, train, return_indices=True, precision=precision)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_array_equal(idx, nearest)
+    monkeypatch.setattr(retrieval, "_CHUNK_BYTES", 200 * 768 * 2)  # chunks of 200 or 100 rows
+    got_s = calibrated_l2(gen, iter([train[:350], train[350:]]), precision=precision)
+    np.testing.assert_allclose(got_s, want, rtol=1e-5)
+    np.testing.assert_allclose(calibrated_l2(gen, train, precision=precision), want, rtol=1e-5)
+    d, i = nearest_neighbors(gen, train, k=5, precision=precision)
+    np.testing.assert_array_equal(i[:, 0], nearest)
+
+
 def test_calibrated_l2_tiled_matches_brute_force(data):
     gen, train = data
     dist = _brute_tiled(gen, train, 4, 2)
@@ -123,6 +146,10 @@ def test_bad_inputs(data):
         calibrated_l2(gen, train, alpha=0)
     with pytest.raises(ValueError, match="n must be a positive integer"):
         calibrated_l2(gen, train, n=0)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        calibrated_l2(gen, train, precision="half")
+    with pytest.raises(ValueError, match="precision='bf16'.*float32"):
+        nearest_neighbors(gen.astype(np.float64), train.astype(np.float64), precision="bf16")
     with pytest.raises(ValueError, match="values"):
         calibrated_l2(gen, train.reshape(300, -1)[:, :10])
     with pytest.raises(ValueError, match="chunk_rows"):

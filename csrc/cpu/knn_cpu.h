@@ -26,4 +26,15 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& data, const at::Ten
                                            int64_t k, int64_t self_offset, bool squared,
                                            int64_t extra);
 
+// knn_cpu with the distance GEMM of the screen in bf16 (float32 data only).
+// The k + extra candidates are re-ranked exactly as in knn_cpu; a row is
+// trusted only when the gap between its k-th exact key and the first key
+// left out exceeds lambda times the largest bf16 screening error seen among
+// its candidates, and is otherwise recomputed with the float32 screen.
+// Returns (distances, indices, number of rows recomputed in float32).
+std::tuple<at::Tensor, at::Tensor, int64_t> knn_bf16_cpu(const at::Tensor& data,
+                                                         const at::Tensor& queries, int64_t k,
+                                                         int64_t self_offset, bool squared,
+                                                         int64_t extra, double lambda);
+
 }  // namespace mmh
