@@ -304,7 +304,8 @@ void knn_kernel(const at::Tensor& x, const at::Tensor& q, int64_t k, int64_t sel
   const auto mean = x.mean(0, /*keepdim=*/true);
   // -2 q: the GEMM then yields -2 q.x exactly as the key needs it (scaling by
   // 2 is exact), so a key is one addition and the same in every code path.
-  const auto qm2 = ((q - mean) * -2.0).contiguous();
+  auto qm2 = (q - mean).contiguous();
+  qm2.mul_(-2.0);  // in place: one temporary of the queries, not two
   // The centred data in the screen's precision (bf16 screening: the GEMM runs
   // on bf16 copies, about 2.5x the float32 throughput where the CPU has bf16
   // dot-product instructions) and their squared norms, made a few MiB of rows
@@ -328,7 +329,23 @@ void knn_kernel(const at::Tensor& x, const at::Tensor& q, int64_t k, int64_t sel
   }
   const auto qs = bf16 ? qm2.to(at::kBFloat16) : qm2;
 
-  const auto qn = bf16 ? (qm2.to(at::kDouble) * 0.5).pow(2).sum(1).contiguous() : at::Tensor();
+  // |q - mean|^2 in float64, row by row (no float64 copy of the queries)
+  at::Tensor qn;
+  if (bf16) {
+    qn = at::empty({M}, x.options().dtype(at::kDouble));
+    const T* qp = qm2.data_ptr<T>();
+    double* qnp = qn.data_ptr<double>();
+    at::parallel_for(0, M, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        double acc = 0.0;
+        for (int64_t d = 0; d < D; ++d) {
+          const double v = 0.5 * static_cast<double>(qp[r * D + d]);
+          acc += v * v;
+        }
+        qnp[r] = acc;
+      }
+    });
+  }
   const KnnState<T> S{x.data_ptr<T>(), q.data_ptr<T>(), xn.data_ptr<T>(),
                       bf16 ? qn.data_ptr<double>() : nullptr, N, D, k, kk, self_offset, squared};
   T* od = out_d.data_ptr<T>();

@@ -44,10 +44,15 @@ def check_floating(t: torch.Tensor, name: str) -> None:
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:
-    # fast path: one float64 sum is finite iff every entry is (a float64 input
-    # whose sum overflows goes on to the exact count)
-    if t.numel() and t.is_floating_point() and bool(torch.isfinite(t.sum(dtype=torch.float64))):
+    # fast path: a sum is finite iff every entry is, unless it overflows;
+    # summed in the tensor's own dtype (a float64 sum of float32 data made a
+    # float64 copy of it: twice the data's memory)
+    if not t.numel():
         return
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
+    if t.is_floating_point() and bool(torch.isfinite(t.sum())):
+        return
+    flat = t.reshape(-1)
+    step = 1 << 24  # the exact count, a bounded slice at a time
+    bad = sum(int((~torch.isfinite(flat[i:i + step])).sum()) for i in range(0, flat.numel(), step))
+    if bad:
         raise ValueError(f"{name} contains {bad} NaN or inf value(s); clean or drop them first")
