@@ -278,3 +278,15 @@ def test_precision_choice_and_errors():
         ops.knn(x, k=3, precision="bf16")
     with pytest.raises(ValueError, match="precision must be one of"):
         ops.knn(x, k=3, precision="fp8")
+
+
+def test_check_finite_without_copies_or_false_alarms():
+    from mmh_fast.ops._arrays import check_finite
+
+    check_finite(torch.full((1000, 3), 3e38), "x")  # finite values whose float32 sum overflows
+    bad = torch.zeros(10, 4)
+    bad[3, 1], bad[7, 0] = float("nan"), float("-inf")
+    with pytest.raises(ValueError, match="x contains 2 NaN or inf"):
+        check_finite(bad, "x")
+    with pytest.raises(ValueError, match="contains 1 NaN"):
+        check_finite(torch.tensor([1.0, float("nan")], dtype=torch.float64), "y")
