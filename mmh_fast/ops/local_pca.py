@@ -79,9 +79,7 @@ def _neighbourhoods(x: torch.Tensor, k, queries, neighbors, exclude_self: bool, 
             for r0 in range(0, M, bs):
                 r1 = min(M, r0 + bs)
                 if excl:
-                    # the kNN kernel excludes query i <-> data row r0 + i
-                    fn = kernel("knn", x.device)
-                    _, nb = fn(x, q[r0:r1], K, offset + r0, False, 8)
+                    _, nb = knn(x, k=K, exclude_self=True, rows=slice(offset + r0, offset + r1), progress=False)
                 else:
                     _, nb = knn(x, q[r0:r1], K, exclude_self=False, progress=False)
                 yield r0, r1, nb
