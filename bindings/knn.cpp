@@ -15,9 +15,10 @@ void bind_knn(pybind11::module_& m) {
   m.def("knn_cpu", &knn_cpu, py::arg("data"), py::arg("queries"), py::arg("k"),
         py::arg("self_offset"), py::arg("squared"), py::arg("extra"),
         "Exact brute-force kNN: (distances [M, k], indices [M, k] int64), ascending.");
-  m.def("knn_bf16_cpu", &knn_bf16_cpu, py::arg("data"), py::arg("queries"), py::arg("k"),
+  m.def("knn_screened_cpu", &knn_screened_cpu, py::arg("data"), py::arg("queries"), py::arg("k"),
         py::arg("self_offset"), py::arg("squared"), py::arg("extra"), py::arg("lambda_"),
-        "knn_cpu screened by a bf16 GEMM, certified per row: (distances, indices, rows redone).");
+        py::arg("screen"),
+        "knn_cpu screened by a bf16 / float32 GEMM, certified per row: (distances, indices, rows redone).");
   m.def("local_pca_cpu", &local_pca_cpu, py::arg("data"), py::arg("neighbors"),
         py::arg("sizes") = py::none(),
         "Explained variances [M, min(K, D)] of each neighbourhood, descending.");

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .ops import knn
-from .ops.knn import screens_in_bf16
+from .ops.knn import candidate_screen
 from .ops._arrays import as_tensor
 
 __all__ = [
@@ -285,7 +285,7 @@ def nearest_neighbors(generated, train, k: int = 1, *, embed: Callable | None = 
         batch_size: images per ``embed`` call and queries per native call.
         chunk_rows: training rows read per chunk from numpy arrays.
         precision: the candidate screen of :func:`mmh_fast.ops.knn`
-            ("auto", "full" or "bf16"); results are exact in every mode.
+            ("auto", "full", "bf16" or "float32"); results are exact in every mode.
 
     Returns:
         (distances [M, k], indices [M, k] int64), each row ascending by
@@ -317,9 +317,9 @@ def _stream_knn(g: torch.Tensor, train, k: int, *, embed=None, cosine=False, bat
     best_d = best_i = q = dtype = None
     offset = 0
     width = int(np.prod(g.shape[1:])) if embed is None else 0
-    bf16 = embed is None and screens_in_bf16(precision, torch.float32 if g.dtype != torch.float64 else g.dtype,
-                                             g.device, width)
-    for chunk in _train_chunks(train, chunk_rows, value_bytes=2 if bf16 else 4):
+    screen = candidate_screen(precision, torch.float64 if g.dtype == torch.float64 else torch.float32,
+                              g.device, width)
+    for chunk in _train_chunks(train, chunk_rows, value_bytes=2 if screen == "bf16" else 4):
         if embed is not None:
             chunk = _embed_batches(embed, chunk, bs)
         if dtype is None:
@@ -440,7 +440,7 @@ def calibrated_l2(generated, train, *, n: int = 50, alpha: float = 0.5, tiles: t
         chunk_rows: training rows read per chunk from numpy arrays.
         return_indices: also return the index of each nearest training image.
         precision: the candidate screen of :func:`mmh_fast.ops.knn` ("auto",
-            "full" or "bf16"; whole-image distances only). "auto" screens
+            "full", "bf16" or "float32"; whole-image distances only). "auto" screens
             with a bf16 GEMM on CPUs that have bf16 instructions, which is
             what makes the CPU search ~3x faster than scikit-learn's; rows the
             bf16 screen cannot certify are searched again in float32, so the
@@ -452,8 +452,8 @@ def calibrated_l2(generated, train, *, n: int = 50, alpha: float = 0.5, tiles: t
         distances are exact (candidates re-ranked by exact distances).
     """
     n = _check_positive_int(n, "n")
-    if precision not in ("auto", "full", "bf16"):
-        raise ValueError(f"precision must be one of ('auto', 'full', 'bf16'), got {precision!r}")
+    if precision not in ("auto", "full", "bf16", "float32"):
+        raise ValueError(f"precision must be one of ('auto', 'full', 'bf16', 'float32'), got {precision!r}")
     alpha = float(alpha)
     if not (alpha > 0 and math.isfinite(alpha)):
         raise ValueError(f"alpha must be a positive number, got {alpha}")

@@ -256,7 +256,7 @@ def test_bf16_screen_falls_back_where_it_cannot_certify():
     q = torch.zeros(4, d)
     spread = torch.randn(200, d, generator=g)  # and ordinary queries, which certify
     q = torch.cat([q, spread])
-    dist, idx, redone = native().knn_bf16_cpu(x, q, 30, -1, False, 32, 4.0)
+    dist, idx, redone = native().knn_screened_cpu(x, q, 30, -1, False, 32, 4.0, "bf16")
     assert 4 <= redone < 60
     want_d, want_i = _brute(x, q, 30)
     np.testing.assert_array_equal(idx.numpy(), want_i)
@@ -264,20 +264,41 @@ def test_bf16_screen_falls_back_where_it_cannot_certify():
 
 
 def test_precision_choice_and_errors():
-    from mmh_fast.ops.knn import BF16_MIN_FEATURES, cpu_has_native_bf16, screens_in_bf16
+    from mmh_fast.ops.knn import BF16_MIN_FEATURES, candidate_screen, cpu_has_native_bf16
 
-    native_bf16 = cpu_has_native_bf16()
-    assert screens_in_bf16("auto", torch.float32, "cpu", BF16_MIN_FEATURES) == native_bf16
-    assert not screens_in_bf16("auto", torch.float32, "cpu", BF16_MIN_FEATURES - 1)
-    assert not screens_in_bf16("auto", torch.float64, "cpu", 4096)
-    assert not screens_in_bf16("auto", torch.float32, "cuda", 4096)
-    assert not screens_in_bf16("full", torch.float32, "cpu", 4096)
-    assert screens_in_bf16("bf16", torch.float32, "cpu", 3)
+    wide = "bf16" if cpu_has_native_bf16() else None
+    assert candidate_screen("auto", torch.float32, "cpu", BF16_MIN_FEATURES) == wide
+    assert candidate_screen("auto", torch.float32, "cpu", BF16_MIN_FEATURES - 1) is None
+    assert candidate_screen("auto", torch.float64, "cpu", 8) == "float32"
+    assert candidate_screen("auto", torch.float32, "cuda", 4096) is None
+    assert candidate_screen("auto", torch.float64, "cuda", 4096) is None
+    assert candidate_screen("full", torch.float64, "cpu", 4096) is None
+    assert candidate_screen("bf16", torch.float32, "cpu", 3) == "bf16"
+    assert candidate_screen("bf16", torch.float64, "cpu", 3) == "bf16"
+    assert candidate_screen("float32", torch.float64, "cpu", 3) == "float32"
+    assert candidate_screen("float32", torch.float32, "cpu", 3) is None  # the full screen already
+    with pytest.raises(ValueError, match="precision='bf16' screens on the CPU"):
+        candidate_screen("bf16", torch.float32, "cuda", 4096)
     x = _points(50, 8, torch.float64)
-    with pytest.raises(ValueError, match="precision='bf16'.*float32"):
-        ops.knn(x, k=3, precision="bf16")
     with pytest.raises(ValueError, match="precision must be one of"):
         ops.knn(x, k=3, precision="fp8")
+
+
+@pytest.mark.parametrize("precision", ["auto", "float32", "bf16"])
+def test_reduced_screens_of_float64_data_are_exact(precision):
+    # float64 data: "auto" screens with a float32 GEMM; every screen returns
+    # the float64 brute force's neighbours and distances, self mode included
+    x = _points(1500, 24, torch.float64, seed=8)
+    q = _points(90, 24, torch.float64, seed=9)
+    q[:5] = x[:5] + 1e-9 * q[:5]
+    dist, idx = ops.knn(x, q, 20, precision=precision)
+    want_d, want_i = _brute(x, q, 20)
+    np.testing.assert_array_equal(idx.numpy(), want_i)
+    np.testing.assert_allclose(dist.numpy(), want_d, rtol=1e-12, atol=1e-12)
+    sd, si = ops.knn(x, k=15, precision=precision)
+    fd, fi = ops.knn(x, k=15, precision="full")
+    assert torch.equal(si, fi)
+    torch.testing.assert_close(sd, fd, rtol=1e-12, atol=1e-12)
 
 
 def test_check_finite_without_copies_or_false_alarms():
@@ -290,3 +311,19 @@ def test_check_finite_without_copies_or_false_alarms():
         check_finite(bad, "x")
     with pytest.raises(ValueError, match="contains 1 NaN"):
         check_finite(torch.tensor([1.0, float("nan")], dtype=torch.float64), "y")
+
+
+def test_bf16_screen_with_more_exact_copies_than_k():
+    # 60 exact copies of the query among the data and k = 50: all at distance
+    # 0, so the order is by index; the bf16 screen cannot separate them from
+    # each other (no gap) and must hand the row to the float32 screen
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(2000, 512, generator=g)
+    q = torch.rand(3, 512, generator=g)
+    pos = torch.randperm(2000, generator=g)[:60]
+    x[pos] = q[0]
+    dist, idx = ops.knn(x, q, 50, precision="bf16")
+    assert torch.equal(idx[0], pos.sort().values[:50])
+    assert bool((dist[0] == 0).all())
+    want_d, want_i = _brute(x, q, 50)
+    np.testing.assert_array_equal(idx.numpy(), want_i)

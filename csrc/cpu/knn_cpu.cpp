@@ -168,35 +168,38 @@ MMH_SIMD_CLONES void widen_bf16(const uint16_t* __restrict h, float* __restrict 
   }
 }
 
-template <typename T>
+// T: the data's dtype (originals, exact re-rank); K: the keys' dtype (the
+// screen's GEMM output: float for the bf16 and float32 screens).
+template <typename T, typename K>
 struct KnnState {
   const T* xorig;
   const T* qorig;
-  const T* xn;
-  const double* qn;  // |q - mean|^2 per query row (bf16 certificate)
+  const K* xn;
+  const double* qn;  // |q - mean|^2 per query row (certificate of a reduced-precision screen)
   int64_t N, D, k, kk, self_offset;
   bool squared;
 };
 
 // One block of query rows (global indices rows[0..nr)): tiles of keys from a
-// GEMM in float or bf16, the candidate scan, then the exact re-rank. With
-// `certify` (bf16 screening), a row whose result could depend on the bf16
-// rounding is reported in `unsure` instead of being trusted.
-template <typename T>
-void knn_block(const KnnState<T>& S, const at::Tensor& qblk, const at::Tensor& xc,
+// GEMM (in the data dtype, float32 or bf16), the candidate scan, then the
+// exact re-rank. With `unsure` (a reduced-precision screen), a row whose
+// result could depend on the screen's rounding is reported there instead of
+// being trusted.
+template <typename T, typename K>
+void knn_block(const KnnState<T, K>& S, const at::Tensor& qblk, const at::Tensor& xc,
                const at::Tensor& tile_mean, at::Tensor& tile_buf, const int64_t* rows,
                int64_t nr, int64_t bd, bool bf16, double lambda, T* od, int64_t* oi,
-               std::vector<int64_t>* unsure, std::vector<T>& gbuf, std::vector<at::BFloat16>& hbuf,
-               std::vector<Entry<T>>& bent, std::vector<T>& scratch, std::vector<RowBuffer<T>>& rbuf,
+               std::vector<int64_t>* unsure, std::vector<K>& gbuf, std::vector<at::BFloat16>& hbuf,
+               std::vector<Entry<K>>& bent, std::vector<K>& scratch, std::vector<RowBuffer<K>>& rbuf,
                std::vector<Cand>& cand, int64_t cap, std::vector<double>* kth_heap) {
-  const T inf = std::numeric_limits<T>::infinity();
+  const K inf = std::numeric_limits<K>::infinity();
   for (int64_t r = 0; r < nr; ++r) rbuf[static_cast<size_t>(r)] = {bent.data() + r * cap, 0, inf};
   for (int64_t c0 = 0; c0 < S.N; c0 += bd) {
     const int64_t nc = std::min(bd, S.N - c0);
     if (bf16) {
       auto h = at::from_blob(hbuf.data(), {nr, nc}, xc.options());
       at::mm_out(h, qblk, xc.narrow(0, c0, nc).t());
-      if constexpr (std::is_same_v<T, float>)
+      if constexpr (std::is_same_v<K, float>)
         widen_bf16(reinterpret_cast<const uint16_t*>(hbuf.data()), gbuf.data(), nr * nc);
     } else if (tile_mean.defined()) {
       // xc is the raw data: centre this tile only (rows redone after the
@@ -223,7 +226,7 @@ void knn_block(const KnnState<T>& S, const at::Tensor& qblk, const at::Tensor& x
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t row = rows[r];
     const T* qrow = S.qorig + row * S.D;
-    RowBuffer<T>& b = rbuf[static_cast<size_t>(r)];
+    RowBuffer<K>& b = rbuf[static_cast<size_t>(r)];
     cut_exact(b, S.kk);
     int64_t n = b.n;  // == kk since kk <= the points available
     if (unsure == nullptr || n >= avail) {
@@ -240,7 +243,7 @@ void knn_block(const KnnState<T>& S, const at::Tensor& qblk, const at::Tensor& x
       // among the true k nearest through an error lambda times any measured.
       // A row whose candidates run out first is recomputed with the float32
       // screen.
-      std::sort(b.e, b.e + n, [](const Entry<T>& u, const Entry<T>& v) {
+      std::sort(b.e, b.e + n, [](const Entry<K>& u, const Entry<K>& v) {
         return topk::pair_less(u.key, u.idx, v.key, v.idx);
       });
       const double c_row = -S.qn[row];
@@ -295,43 +298,52 @@ void knn_block(const KnnState<T>& S, const at::Tensor& qblk, const at::Tensor& x
   }
 }
 
-template <typename T>
-void knn_kernel(const at::Tensor& x, const at::Tensor& q, int64_t k, int64_t self_offset,
-                bool squared, int64_t kk, at::Tensor& out_d, at::Tensor& out_i, bool bf16 = false,
-                double lambda = 4.0, int64_t* n_unsure = nullptr) {
+// Screens: the distance GEMM in the data dtype (exact path), or in a reduced
+// precision whose candidates are certified row by row (knn_block).
+enum class Screen { kNative, kBF16, kFloat32 };
+
+template <typename T, typename K>
+void knn_kernel_impl(const at::Tensor& x, const at::Tensor& q, int64_t k, int64_t self_offset,
+                     bool squared, int64_t kk, at::Tensor& out_d, at::Tensor& out_i, Screen screen,
+                     double lambda, int64_t* n_unsure) {
   const int64_t N = x.size(0), D = x.size(1), M = q.size(0);
+  const bool reduced = screen != Screen::kNative;
+  const auto kdtype = c10::CppTypeToScalarType<K>::value;
+  const auto sdtype = screen == Screen::kBF16 ? at::kBFloat16 : kdtype;
   // Centre both sides on the data mean.
   const auto mean = x.mean(0, /*keepdim=*/true);
   // -2 q: the GEMM then yields -2 q.x exactly as the key needs it (scaling by
   // 2 is exact), so a key is one addition and the same in every code path.
   auto qm2 = (q - mean).contiguous();
   qm2.mul_(-2.0);  // in place: one temporary of the queries, not two
-  // The centred data in the screen's precision (bf16 screening: the GEMM runs
-  // on bf16 copies, about 2.5x the float32 throughput where the CPU has bf16
-  // dot-product instructions) and their squared norms, made a few MiB of rows
-  // at a time so that no temporary of the data's size is allocated.
-  at::Tensor xs = at::empty({N, D}, x.options().dtype(bf16 ? at::kBFloat16 : x.scalar_type()));
-  at::Tensor xn = at::empty({N}, x.options());
+  // The centred data in the screen's precision (bf16: about 2.5x the float32
+  // GEMM throughput where the CPU has bf16 dot-product instructions; float32
+  // for float64 data: 2x) and their squared norms, made a few MiB of rows at
+  // a time so that no temporary of the data's size is allocated. xn_t keeps
+  // the norms in the data dtype for rows redone by the exact screen.
+  at::Tensor xs = at::empty({N, D}, x.options().dtype(sdtype));
+  at::Tensor xn_t = at::empty({N}, x.options());
   {
     const int64_t rc = std::clamp<int64_t>((4 << 20) / (D * static_cast<int64_t>(sizeof(T))), 1, N);
-    at::Tensor tmp = at::empty({bf16 ? rc : 0, D}, x.options());
+    at::Tensor tmp = at::empty({reduced ? rc : 0, D}, x.options());
     at::Tensor sq = at::empty({rc, D}, x.options());
     for (int64_t r0 = 0; r0 < N; r0 += rc) {
       const int64_t nr = std::min(rc, N - r0);
-      auto t = bf16 ? tmp.narrow(0, 0, nr) : xs.narrow(0, r0, nr);
+      auto t = reduced ? tmp.narrow(0, 0, nr) : xs.narrow(0, r0, nr);
       at::sub_out(t, x.narrow(0, r0, nr), mean);
       auto s2 = sq.narrow(0, 0, nr);
       at::mul_out(s2, t, t);
-      auto xnr = xn.narrow(0, r0, nr);
+      auto xnr = xn_t.narrow(0, r0, nr);
       at::sum_out(xnr, s2, {1});
-      if (bf16) xs.narrow(0, r0, nr).copy_(t);
+      if (reduced) xs.narrow(0, r0, nr).copy_(t);
     }
   }
-  const auto qs = bf16 ? qm2.to(at::kBFloat16) : qm2;
+  const at::Tensor xn = xn_t.scalar_type() == kdtype ? xn_t : xn_t.to(kdtype);
+  const auto qs = reduced ? qm2.to(sdtype) : qm2;
 
   // |q - mean|^2 in float64, row by row (no float64 copy of the queries)
   at::Tensor qn;
-  if (bf16) {
+  if (reduced) {
     qn = at::empty({M}, x.options().dtype(at::kDouble));
     const T* qp = qm2.data_ptr<T>();
     double* qnp = qn.data_ptr<double>();
@@ -346,8 +358,6 @@ void knn_kernel(const at::Tensor& x, const at::Tensor& q, int64_t k, int64_t sel
       }
     });
   }
-  const KnnState<T> S{x.data_ptr<T>(), q.data_ptr<T>(), xn.data_ptr<T>(),
-                      bf16 ? qn.data_ptr<double>() : nullptr, N, D, k, kk, self_offset, squared};
   T* od = out_d.data_ptr<T>();
   int64_t* oi = out_i.data_ptr<int64_t>();
 
@@ -360,32 +370,34 @@ void knn_kernel(const at::Tensor& x, const at::Tensor& q, int64_t k, int64_t sel
   const int64_t bq = std::clamp<int64_t>((M + 4 * threads - 1) / (4 * threads), 8, bq_max);
   // Data tile: a [bq, bd] key buffer of about 256 KiB stays in L2 beside the
   // row buffers.
-  const int64_t bd = std::clamp<int64_t>((256 * 1024 / static_cast<int64_t>(sizeof(T))) / bq, 256, 8192);
+  const int64_t bd = std::clamp<int64_t>((256 * 1024 / static_cast<int64_t>(sizeof(K))) / bq, 256, 8192);
   // Candidate buffer per row: kk kept + room for 3 kk appends between cuts.
   const int64_t cap = 4 * kk + kScanBlock;
 
   std::vector<int64_t> all_unsure;
   std::mutex mu;
-  auto run = [&](const at::Tensor& xsrc, const at::Tensor& tile_mean, const at::Tensor& qsrc,
-                 const int64_t* rows, int64_t nrows, bool use_bf16, std::vector<int64_t>* unsure_out) {
+  auto run = [&]<typename KK>(const KnnState<T, KK>& S, const at::Tensor& xsrc, const at::Tensor& tile_mean,
+                              const at::Tensor& qsrc, const int64_t* rows, int64_t nrows, bool use_bf16,
+                              std::vector<int64_t>* unsure_out) {
     const int64_t nb = (nrows + bq - 1) / bq;
+    const int64_t bdk = std::clamp<int64_t>((256 * 1024 / static_cast<int64_t>(sizeof(KK))) / bq, 256, 8192);
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<T> gbuf(static_cast<size_t>(bq * bd));
-      std::vector<at::BFloat16> hbuf(use_bf16 ? static_cast<size_t>(bq * bd) : 0);
-      std::vector<Entry<T>> bent(static_cast<size_t>(bq * cap));
-      std::vector<T> scratch(static_cast<size_t>(cap));
-      std::vector<RowBuffer<T>> rbuf(static_cast<size_t>(bq));
+      std::vector<KK> gbuf(static_cast<size_t>(bq * bdk));
+      std::vector<at::BFloat16> hbuf(use_bf16 ? static_cast<size_t>(bq * bdk) : 0);
+      std::vector<Entry<KK>> bent(static_cast<size_t>(bq * cap));
+      std::vector<KK> scratch(static_cast<size_t>(cap));
+      std::vector<RowBuffer<KK>> rbuf(static_cast<size_t>(bq));
       std::vector<Cand> cand(static_cast<size_t>(kk));
       std::vector<int64_t> local_unsure;
       std::vector<double> kth_heap;
       kth_heap.reserve(static_cast<size_t>(k));
-      at::Tensor tile_buf = tile_mean.defined() ? at::empty({bd, D}, x.options()) : at::Tensor();
+      at::Tensor tile_buf = tile_mean.defined() ? at::empty({bdk, D}, x.options()) : at::Tensor();
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t p0 = blk * bq;
         const int64_t nr = std::min(bq, nrows - p0);
-        knn_block<T>(S, qsrc.narrow(0, p0, nr), xsrc, tile_mean, tile_buf, rows + p0, nr, bd, use_bf16,
-                     lambda, od, oi, unsure_out ? &local_unsure : nullptr, gbuf, hbuf, bent, scratch,
-                     rbuf, cand, cap, &kth_heap);
+        knn_block<T, KK>(S, qsrc.narrow(0, p0, nr), xsrc, tile_mean, tile_buf, rows + p0, nr, bdk,
+                         use_bf16, lambda, od, oi, unsure_out ? &local_unsure : nullptr, gbuf, hbuf,
+                         bent, scratch, rbuf, cand, cap, &kth_heap);
       }
       if (unsure_out && !local_unsure.empty()) {
         std::lock_guard<std::mutex> lock(mu);
@@ -393,17 +405,22 @@ void knn_kernel(const at::Tensor& x, const at::Tensor& q, int64_t k, int64_t sel
       }
     });
   };
+  (void)bd;
   std::vector<int64_t> rows(static_cast<size_t>(M));
   for (int64_t r = 0; r < M; ++r) rows[static_cast<size_t>(r)] = r;
-  run(xs, at::Tensor(), qs, rows.data(), M, bf16, bf16 ? &all_unsure : nullptr);
+  const KnnState<T, K> S{x.data_ptr<T>(), q.data_ptr<T>(), xn.data_ptr<K>(),
+                         reduced ? qn.data_ptr<double>() : nullptr, N, D, k, kk, self_offset, squared};
+  run(S, xs, at::Tensor(), qs, rows.data(), M, screen == Screen::kBF16, reduced ? &all_unsure : nullptr);
   if (n_unsure != nullptr) *n_unsure = static_cast<int64_t>(all_unsure.size());
   if (!all_unsure.empty()) {
-    // Rows the bf16 screen could not certify: the float32 screen, exact as
-    // in the plain path.
+    // Rows the reduced screen could not certify: the screen in the data
+    // dtype, exact as in the plain path (tiles centred on the fly).
     std::sort(all_unsure.begin(), all_unsure.end());
     auto idx = at::from_blob(all_unsure.data(), {static_cast<int64_t>(all_unsure.size())}, at::kLong);
     const auto qf = qm2.index_select(0, idx).contiguous();
-    run(x, mean, qf, all_unsure.data(), static_cast<int64_t>(all_unsure.size()), false, nullptr);
+    const KnnState<T, T> S2{x.data_ptr<T>(), q.data_ptr<T>(), xn_t.data_ptr<T>(), nullptr, N, D, k, kk,
+                            self_offset, squared};
+    run(S2, x, mean, qf, all_unsure.data(), static_cast<int64_t>(all_unsure.size()), false, nullptr);
   }
 }
 
@@ -415,23 +432,30 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& data, const at::Ten
   auto L = prepare_knn(data, queries, k, self_offset, extra, /*cuda=*/false);
   if (L.q.size(0) == 0) return {L.out_d, L.out_i};
   AT_DISPATCH_FLOATING_TYPES(L.x.scalar_type(), "knn_cpu", [&] {
-    knn_kernel<scalar_t>(L.x, L.q, k, self_offset, squared, L.kk, L.out_d, L.out_i);
+    knn_kernel_impl<scalar_t, scalar_t>(L.x, L.q, k, self_offset, squared, L.kk, L.out_d, L.out_i,
+                                        Screen::kNative, 0.0, nullptr);
   });
   return {L.out_d, L.out_i};
 }
 
-std::tuple<at::Tensor, at::Tensor, int64_t> knn_bf16_cpu(const at::Tensor& data,
-                                                         const at::Tensor& queries, int64_t k,
-                                                         int64_t self_offset, bool squared,
-                                                         int64_t extra, double lambda) {
+std::tuple<at::Tensor, at::Tensor, int64_t> knn_screened_cpu(const at::Tensor& data,
+                                                             const at::Tensor& queries, int64_t k,
+                                                             int64_t self_offset, bool squared,
+                                                             int64_t extra, double lambda,
+                                                             const std::string& screen) {
   auto L = prepare_knn(data, queries, k, self_offset, extra, /*cuda=*/false);
-  MMH_CHECK_TYPE(L.x.scalar_type() == at::kFloat, "the bf16 screen needs float32 data, got ",
-                 L.x.scalar_type());
+  MMH_CHECK_VALUE(screen == "bf16" || screen == "float32", "screen must be 'bf16' or 'float32', got '",
+                  screen, "'");
+  MMH_CHECK_VALUE(screen == "bf16" || L.x.scalar_type() == at::kDouble,
+                  "a float32 screen is for float64 data, got ", L.x.scalar_type());
   MMH_CHECK_VALUE(lambda >= 1.0, "lambda must be >= 1, got ", lambda);
   int64_t n_unsure = 0;
   if (L.q.size(0) == 0) return {L.out_d, L.out_i, n_unsure};
-  knn_kernel<float>(L.x, L.q, k, self_offset, squared, L.kk, L.out_d, L.out_i, /*bf16=*/true, lambda,
-                    &n_unsure);
+  const Screen sc = screen == "bf16" ? Screen::kBF16 : Screen::kFloat32;
+  AT_DISPATCH_FLOATING_TYPES(L.x.scalar_type(), "knn_screened_cpu", [&] {
+    knn_kernel_impl<scalar_t, float>(L.x, L.q, k, self_offset, squared, L.kk, L.out_d, L.out_i, sc,
+                                     lambda, &n_unsure);
+  });
   return {L.out_d, L.out_i, n_unsure};
 }
 

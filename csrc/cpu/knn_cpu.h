@@ -1,5 +1,6 @@
 #pragma once
 #include <ATen/ATen.h>
+#include <string>
 #include <tuple>
 
 namespace mmh {
@@ -26,15 +27,17 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& data, const at::Ten
                                            int64_t k, int64_t self_offset, bool squared,
                                            int64_t extra);
 
-// knn_cpu with the distance GEMM of the screen in bf16 (float32 data only).
-// The k + extra candidates are re-ranked exactly as in knn_cpu; a row is
-// trusted only when the gap between its k-th exact key and the first key
-// left out exceeds lambda times the largest bf16 screening error seen among
-// its candidates, and is otherwise recomputed with the float32 screen.
-// Returns (distances, indices, number of rows recomputed in float32).
-std::tuple<at::Tensor, at::Tensor, int64_t> knn_bf16_cpu(const at::Tensor& data,
-                                                         const at::Tensor& queries, int64_t k,
-                                                         int64_t self_offset, bool squared,
-                                                         int64_t extra, double lambda);
+// knn_cpu with the distance GEMM of the candidate screen in a reduced
+// precision: screen "bf16" (float32 or float64 data) or "float32" (float64
+// data). The k + extra candidates are re-ranked exactly as in knn_cpu, in key
+// order, until the next key exceeds the k-th exact key by more than lambda
+// times the largest screening error measured on the row's candidates; a row
+// whose candidates run out first is recomputed with the exact screen.
+// Returns (distances, indices, number of rows recomputed).
+std::tuple<at::Tensor, at::Tensor, int64_t> knn_screened_cpu(const at::Tensor& data,
+                                                             const at::Tensor& queries, int64_t k,
+                                                             int64_t self_offset, bool squared,
+                                                             int64_t extra, double lambda,
+                                                             const std::string& screen);
 
 }  // namespace mmh

@@ -114,14 +114,15 @@ def resolve_queries(x: torch.Tensor, queries, rows) -> tuple[torch.Tensor, int, 
     return q, 0, False
 
 
-# bf16 screening (see ``knn(precision=...)``): candidates kept at least, and
-# the certificate's factor on the largest screening error seen per row.
-BF16_MIN_EXTRA = 32
-BF16_CERTIFICATE = 4.0
-# Smallest feature count where "auto" screens in bf16: below it the scan and
-# the exact re-rank, not the GEMM, dominate the search.
+# Reduced-precision screens (see ``knn(precision=...)``): candidates kept at
+# least, and the certificate's factor on the largest screening error seen per
+# row.
+SCREEN_MIN_EXTRA = {"bf16": 32, "float32": 8}  # bf16 errors are 2^16 times float32's
+SCREEN_CERTIFICATE = 4.0
+# Smallest feature count where "auto" screens float32 data in bf16: below it
+# the scan and the exact re-rank, not the GEMM, dominate the search.
 BF16_MIN_FEATURES = 256
-_PRECISIONS = ("auto", "full", "bf16")
+_PRECISIONS = ("auto", "full", "bf16", "float32")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -138,21 +139,27 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def screens_in_bf16(precision: str, dtype: torch.dtype, device, n_features: int) -> bool:
-    """Whether ``knn(precision=...)`` screens data of this dtype, device and
-    width with a bf16 GEMM (raises on an unknown or impossible precision)."""
+def candidate_screen(precision: str, dtype: torch.dtype, device, n_features: int) -> str | None:
+    """The reduced-precision screen ``knn(precision=...)`` uses for data of
+    this dtype, device and width: "bf16", "float32", or None for the GEMM in
+    the data's own dtype. Raises on an unknown or impossible precision."""
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
     device = torch.device(device)
     if precision == "full":
-        return False
-    if precision == "bf16":
-        if device.type != "cpu" or dtype != torch.float32:
-            raise ValueError("precision='bf16' screens on the CPU and needs float32 data, got "
-                             f"{dtype} on {device}")
-        return True
-    return (device.type == "cpu" and dtype == torch.float32 and n_features >= BF16_MIN_FEATURES
-            and cpu_has_native_bf16())
+        return None
+    cpu = device.type == "cpu"
+    if precision in ("bf16", "float32"):
+        if not cpu:
+            raise ValueError(f"precision={precision!r} screens on the CPU, got data on {device}")
+        if precision == "bf16":
+            return "bf16"
+        return "float32" if dtype == torch.float64 else None  # float32 data: the full screen
+    if not cpu:
+        return None
+    if dtype == torch.float64:
+        return "float32"
+    return "bf16" if n_features >= BF16_MIN_FEATURES and cpu_has_native_bf16() else None
 
 
 def knn(data, queries=None, k: int | None = None, exclude_self: bool = True, *, squared: bool = False,
@@ -185,14 +192,19 @@ def knn(data, queries=None, k: int | None = None, exclude_self: bool = True, *, 
             returned are always re-ranked by exact float64 distances.
             ``"full"``: the data dtype. ``"bf16"`` (CPU, float32 data):
             bf16 inputs, ~2.5x the float32 GEMM throughput on CPUs with
-            bf16 dot-product instructions; ``max(extra_candidates, 32)``
-            candidates are kept, and a query row is accepted only when the
-            gap between its k-th exact key and the first key left out is
-            more than ``BF16_CERTIFICATE`` (4) times the largest bf16 error
-            measured on its own candidates, otherwise it is searched again
-            in float32. ``"auto"`` (default): ``"bf16"`` when the data are
-            float32 on a CPU with native bf16 (AVX512-BF16 or AMX) and
-            D >= 256, where the GEMM dominates; ``"full"`` otherwise.
+            bf16 dot-product instructions. ``"float32"`` (CPU, float64
+            data): a float32 GEMM, 2x the float64 one. A reduced screen
+            keeps ``max(extra_candidates, 32)`` (bf16) or
+            ``max(extra_candidates, 8)`` (float32) candidates beyond k, takes
+            them in key order, computing exact distances until the next key exceeds
+            the k-th exact key by more than ``SCREEN_CERTIFICATE`` (4) times
+            the largest screening error measured on the row's own
+            candidates; a row whose candidates run out first is searched
+            again with the full screen, so results are the same in every
+            mode. ``"auto"`` (default): ``"bf16"`` for float32 data on a CPU
+            with native bf16 (AVX512-BF16 or AMX) and D >= 256, where the
+            GEMM dominates; ``"float32"`` for float64 data on a CPU;
+            ``"full"`` otherwise.
 
     Returns:
         (distances [M, k] in the data dtype, indices [M, k] int64), each row
@@ -206,13 +218,13 @@ def knn(data, queries=None, k: int | None = None, exclude_self: bool = True, *, 
     if isinstance(extra_candidates, bool) or not isinstance(extra_candidates, numbers.Integral) \
             or extra_candidates < 0:
         raise ValueError(f"extra_candidates must be a non-negative integer, got {extra_candidates!r}")
-    use_bf16 = screens_in_bf16(precision, x.dtype, x.device, x.shape[1])
+    screen = candidate_screen(precision, x.dtype, x.device, x.shape[1])
     fn = kernel("knn", x.device)
-    if use_bf16:
-        bf16_fn, extra_bf16 = native().knn_bf16_cpu, max(int(extra_candidates), BF16_MIN_EXTRA)
+    if screen is not None:
+        screened, extra_s = native().knn_screened_cpu, max(int(extra_candidates), SCREEN_MIN_EXTRA[screen])
 
         def fn(x_, q_, k_, off_, sq_, _extra):
-            d_, i_, _redone = bf16_fn(x_, q_, k_, off_, sq_, extra_bf16, BF16_CERTIFICATE)
+            d_, i_, _redone = screened(x_, q_, k_, off_, sq_, extra_s, SCREEN_CERTIFICATE, screen)
             return d_, i_
     M = q.shape[0]
     bs, update, close = query_batches(M, x.shape[0], x.shape[1], batch_size, progress)
