@@ -327,3 +327,21 @@ def test_bf16_screen_with_more_exact_copies_than_k():
     assert bool((dist[0] == 0).all())
     want_d, want_i = _brute(x, q, 50)
     np.testing.assert_array_equal(idx.numpy(), want_i)
+
+
+def test_reduced_screens_hand_out_of_range_data_to_the_exact_screen():
+    # float64 data whose squared norms overflow float32 (and bf16): the
+    # reduced screen would see inf / NaN keys, so every row goes to the
+    # float64 screen and the answer is still the exact one
+    from mmh_fast._native import native
+
+    x = _points(400, 6, torch.float64, seed=11) * 1e25
+    q = _points(30, 6, torch.float64, seed=12) * 1e25
+    for screen in ("float32", "bf16"):
+        dist, idx, redone = native().knn_screened_cpu(x, q, 7, -1, False, 8, 4.0, screen)
+        assert redone == 30
+        want_d, want_i = _brute(x, q, 7)
+        np.testing.assert_array_equal(idx.numpy(), want_i)
+        np.testing.assert_allclose(dist.numpy(), want_d, rtol=1e-12)
+    dist, idx = ops.knn(x, q, 7)  # auto: the float32 screen, handed over
+    np.testing.assert_array_equal(idx.numpy(), _brute(x, q, 7)[1])

@@ -265,7 +265,8 @@ void knn_block(const KnnState<T, K>& S, const at::Tensor& qblk, const at::Tensor
         }
         const double d2 = exact_sq(S.xorig + b.e[c].idx * S.D, qrow, S.D);
         cand[static_cast<size_t>(c)] = {d2, b.e[c].idx};
-        emax = std::max(emax, std::abs(key - d2 - c_row));
+        const double err = std::abs(key - d2 - c_row);
+        if (!(err <= emax)) emax = err;  // a NaN error poisons emax: the row is redone
         if (static_cast<int64_t>(heap.size()) < S.k) {
           heap.push_back(d2);
           std::push_heap(heap.begin(), heap.end());
@@ -276,6 +277,10 @@ void knn_block(const KnnState<T, K>& S, const at::Tensor& qblk, const at::Tensor
         }
       }
       if (!certified) {
+        if (n < S.k) {  // keys that could not be admitted (overflow): no answer here
+          unsure->push_back(row);
+          continue;
+        }
         // every kept candidate computed: the first key left out must pass
         const double kth_key = heap.front() + c_row;
         const double thr = static_cast<double>(b.thr);
@@ -357,6 +362,18 @@ void knn_kernel_impl(const at::Tensor& x, const at::Tensor& q, int64_t k, int64_
         qnp[r] = acc;
       }
     });
+  }
+  if (reduced) {
+    // The screen's float32 / bf16 range ends near 3.4e38: data or queries
+    // whose centred squared norms come near it would give inf / NaN keys.
+    // Search them with the exact screen (every row counted as redone).
+    const double big = 1e36;
+    if (xn_t.max().item<double>() > big || qn.max().item<double>() > big) {
+      knn_kernel_impl<T, T>(x, q, k, self_offset, squared, kk, out_d, out_i, Screen::kNative, lambda,
+                            nullptr);
+      if (n_unsure != nullptr) *n_unsure = M;
+      return;
+    }
   }
   T* od = out_d.data_ptr<T>();
   int64_t* oi = out_i.data_ptr<int64_t>();
