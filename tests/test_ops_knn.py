@@ -345,3 +345,16 @@ def test_reduced_screens_hand_out_of_range_data_to_the_exact_screen():
         np.testing.assert_allclose(dist.numpy(), want_d, rtol=1e-12)
     dist, idx = ops.knn(x, q, 7)  # auto: the float32 screen, handed over
     np.testing.assert_array_equal(idx.numpy(), _brute(x, q, 7)[1])
+
+
+def test_float32_data_beyond_float32_squared_range_are_searched_exactly():
+    # |x| ~ 1e20: squared norms overflow float32; the kernel searches in
+    # float64 instead of returning garbage
+    x = (_points(300, 5, torch.float64, seed=13) * 1e20).float()
+    q = (_points(20, 5, torch.float64, seed=14) * 1e20).float()
+    for precision in ("full", "bf16"):
+        dist, idx = ops.knn(x, q, 4, precision=precision)
+        want_d, want_i = _brute(x, q, 4)
+        np.testing.assert_array_equal(idx.numpy(), want_i)
+        np.testing.assert_allclose(dist.numpy(), want_d, rtol=1e-6)
+        assert bool(torch.isfinite(dist).all())

@@ -343,6 +343,20 @@ void knn_kernel_impl(const at::Tensor& x, const at::Tensor& q, int64_t k, int64_
       if (reduced) xs.narrow(0, r0, nr).copy_(t);
     }
   }
+  if constexpr (std::is_same_v<T, float>) {
+    if (!reduced) {
+      // float32 keys overflow once squared norms near 3.4e38: such data are
+      // searched in float64 (same neighbours, distances rounded back).
+      const double qmax = std::max(qm2.max().item<double>(), -qm2.min().item<double>()) * 0.5;
+      if (xn_t.max().item<double>() > 1e36 || qmax * qmax * static_cast<double>(D) > 1e36) {
+        auto dd = at::empty(out_d.sizes(), out_d.options().dtype(at::kDouble));
+        knn_kernel_impl<double, double>(x.to(at::kDouble), q.to(at::kDouble), k, self_offset, squared,
+                                        kk, dd, out_i, Screen::kNative, lambda, nullptr);
+        out_d.copy_(dd);
+        return;
+      }
+    }
+  }
   const at::Tensor xn = xn_t.scalar_type() == kdtype ? xn_t : xn_t.to(kdtype);
   const auto qs = reduced ? qm2.to(sdtype) : qm2;
 
