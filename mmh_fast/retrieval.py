@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .ops import knn
-from .ops.knn import candidate_screen
+from .ops.knn import candidate_screen, check_precision
 from .ops._arrays import as_tensor
 
 __all__ = [
@@ -452,8 +452,7 @@ def calibrated_l2(generated, train, *, n: int = 50, alpha: float = 0.5, tiles: t
         distances are exact (candidates re-ranked by exact distances).
     """
     n = _check_positive_int(n, "n")
-    if precision not in ("auto", "full", "bf16", "float32"):
-        raise ValueError(f"precision must be one of ('auto', 'full', 'bf16', 'float32'), got {precision!r}")
+    check_precision(precision)  # the tiled variant does not search with knn, but a typo is still an error
     alpha = float(alpha)
     if not (alpha > 0 and math.isfinite(alpha)):
         raise ValueError(f"alpha must be a positive number, got {alpha}")

@@ -358,3 +358,17 @@ def test_float32_data_beyond_float32_squared_range_are_searched_exactly():
         np.testing.assert_array_equal(idx.numpy(), want_i)
         np.testing.assert_allclose(dist.numpy(), want_d, rtol=1e-6)
         assert bool(torch.isfinite(dist).all())
+
+
+def test_native_bf16_probe_matches_the_cpu_flags():
+    # the independent truth on Linux: the kernel's CPU flags
+    from mmh_fast.ops.knn import cpu_has_native_bf16
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        flags = None
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo flags on this system")
+    assert cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)

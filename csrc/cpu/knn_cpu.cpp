@@ -15,6 +15,10 @@
 // |q|^2 term is constant per row and the centring removes most of the
 // cancellation of the GEMM form). The k' winners are then re-ranked by their
 // exact squared distances, accumulated in float64 from the original values.
+//
+// The GEMM may also run in a reduced precision (bf16, or float32 for float64
+// data): the "screen". Its candidates are then certified row by row in the
+// re-rank (knn_block) and uncertain rows redone with the exact screen.
 #include "knn_cpu.h"
 
 #include <ATen/Dispatch.h>
@@ -181,7 +185,7 @@ struct KnnState {
 };
 
 // One block of query rows (global indices rows[0..nr)): tiles of keys from a
-// GEMM (in the data dtype, float32 or bf16), the candidate scan, then the
+// GEMM (in the data dtype, or the screen's float32 / bf16), the scan, then the
 // exact re-rank. With `unsure` (a reduced-precision screen), a row whose
 // result could depend on the screen's rounding is reported there instead of
 // being trusted.
@@ -202,8 +206,8 @@ void knn_block(const KnnState<T, K>& S, const at::Tensor& qblk, const at::Tensor
       if constexpr (std::is_same_v<K, float>)
         widen_bf16(reinterpret_cast<const uint16_t*>(hbuf.data()), gbuf.data(), nr * nc);
     } else if (tile_mean.defined()) {
-      // xc is the raw data: centre this tile only (rows redone after the
-      // bf16 screen are few, a centred copy of all the data is not worth it).
+      // xc is the raw data: centre this tile only (rows redone after a
+      // reduced screen are few, a centred copy of all the data is not worth it).
       auto t = tile_buf.narrow(0, 0, nc);
       at::sub_out(t, xc.narrow(0, c0, nc), tile_mean);
       auto g = at::from_blob(gbuf.data(), {nr, nc}, xc.options());
@@ -233,7 +237,7 @@ void knn_block(const KnnState<T, K>& S, const at::Tensor& qblk, const at::Tensor
       for (int64_t c = 0; c < n; ++c)
         cand[static_cast<size_t>(c)] = {exact_sq(S.xorig + b.e[c].idx * S.D, qrow, S.D), b.e[c].idx};
     } else {
-      // Certified re-rank of the bf16 screen. A key is |x|^2 - 2 q.x on
+      // Certified re-rank of a reduced screen. A key is |x|^2 - 2 q.x on
       // centred data, i.e. d^2 - |q - mean|^2, so key - d^2 + |q - mean|^2 is
       // that candidate's screening error. Candidates are taken in key order
       // and their exact distances computed until the next key exceeds the
@@ -241,7 +245,7 @@ void knn_block(const KnnState<T, K>& S, const at::Tensor& qblk, const at::Tensor
       // (same rounding process, same magnitudes): a point with a larger key,
       // computed or not, kept or left out by the screen, can then only be
       // among the true k nearest through an error lambda times any measured.
-      // A row whose candidates run out first is recomputed with the float32
+      // A row whose candidates run out first is recomputed with the exact
       // screen.
       std::sort(b.e, b.e + n, [](const Entry<K>& u, const Entry<K>& v) {
         return topk::pair_less(u.key, u.idx, v.key, v.idx);
@@ -343,26 +347,11 @@ void knn_kernel_impl(const at::Tensor& x, const at::Tensor& q, int64_t k, int64_
       if (reduced) xs.narrow(0, r0, nr).copy_(t);
     }
   }
-  if constexpr (std::is_same_v<T, float>) {
-    if (!reduced) {
-      // float32 keys overflow once squared norms near 3.4e38: such data are
-      // searched in float64 (same neighbours, distances rounded back).
-      const double qmax = std::max(qm2.max().item<double>(), -qm2.min().item<double>()) * 0.5;
-      if (xn_t.max().item<double>() > 1e36 || qmax * qmax * static_cast<double>(D) > 1e36) {
-        auto dd = at::empty(out_d.sizes(), out_d.options().dtype(at::kDouble));
-        knn_kernel_impl<double, double>(x.to(at::kDouble), q.to(at::kDouble), k, self_offset, squared,
-                                        kk, dd, out_i, Screen::kNative, lambda, nullptr);
-        out_d.copy_(dd);
-        return;
-      }
-    }
-  }
-  const at::Tensor xn = xn_t.scalar_type() == kdtype ? xn_t : xn_t.to(kdtype);
-  const auto qs = reduced ? qm2.to(sdtype) : qm2;
-
-  // |q - mean|^2 in float64, row by row (no float64 copy of the queries)
+  // |q - mean|^2 in float64, row by row (no float64 copy of the queries):
+  // the certificate's per-row constant and the range check below.
+  constexpr bool narrow_keys = !(std::is_same_v<T, double> && std::is_same_v<K, double>);
   at::Tensor qn;
-  if (reduced) {
+  if constexpr (narrow_keys) {  // always so when the screen is reduced
     qn = at::empty({M}, x.options().dtype(at::kDouble));
     const T* qp = qm2.data_ptr<T>();
     double* qnp = qn.data_ptr<double>();
@@ -376,19 +365,21 @@ void knn_kernel_impl(const at::Tensor& x, const at::Tensor& q, int64_t k, int64_
         qnp[r] = acc;
       }
     });
-  }
-  if (reduced) {
-    // The screen's float32 / bf16 range ends near 3.4e38: data or queries
-    // whose centred squared norms come near it would give inf / NaN keys.
-    // Search them with the exact screen (every row counted as redone).
-    const double big = 1e36;
-    if (xn_t.max().item<double>() > big || qn.max().item<double>() > big) {
-      knn_kernel_impl<T, T>(x, q, k, self_offset, squared, kk, out_d, out_i, Screen::kNative, lambda,
-                            nullptr);
+    // float32 / bf16 keys overflow once centred squared norms near 3.4e38
+    // (inf / NaN keys, unfilled rows): such inputs are searched with the
+    // exact float64 screen (distances rounded back to the data dtype; every
+    // row of a reduced screen counted as redone).
+    if (xn_t.max().item<double>() > 1e36 || qn.max().item<double>() > 1e36) {
+      auto dd = at::empty(out_d.sizes(), out_d.options().dtype(at::kDouble));
+      knn_kernel_impl<double, double>(x.to(at::kDouble), q.to(at::kDouble), k, self_offset, squared, kk,
+                                      dd, out_i, Screen::kNative, lambda, nullptr);
+      out_d.copy_(dd);
       if (n_unsure != nullptr) *n_unsure = M;
       return;
     }
   }
+  const at::Tensor xn = xn_t.scalar_type() == kdtype ? xn_t : xn_t.to(kdtype);
+  const auto qs = reduced ? qm2.to(sdtype) : qm2;
   T* od = out_d.data_ptr<T>();
   int64_t* oi = out_i.data_ptr<int64_t>();
 
@@ -399,9 +390,6 @@ void knn_kernel_impl(const at::Tensor& x, const at::Tensor& q, int64_t k, int64_
   // shrinks to keep the buffer size).
   const int64_t bq_max = D >= 512 ? 256 : 64;
   const int64_t bq = std::clamp<int64_t>((M + 4 * threads - 1) / (4 * threads), 8, bq_max);
-  // Data tile: a [bq, bd] key buffer of about 256 KiB stays in L2 beside the
-  // row buffers.
-  const int64_t bd = std::clamp<int64_t>((256 * 1024 / static_cast<int64_t>(sizeof(K))) / bq, 256, 8192);
   // Candidate buffer per row: kk kept + room for 3 kk appends between cuts.
   const int64_t cap = 4 * kk + kScanBlock;
 
@@ -411,6 +399,8 @@ void knn_kernel_impl(const at::Tensor& x, const at::Tensor& q, int64_t k, int64_
                               const at::Tensor& qsrc, const int64_t* rows, int64_t nrows, bool use_bf16,
                               std::vector<int64_t>* unsure_out) {
     const int64_t nb = (nrows + bq - 1) / bq;
+    // Data tile: a [bq, bdk] key buffer of about 256 KiB stays in L2 beside
+    // the row buffers.
     const int64_t bdk = std::clamp<int64_t>((256 * 1024 / static_cast<int64_t>(sizeof(KK))) / bq, 256, 8192);
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       std::vector<KK> gbuf(static_cast<size_t>(bq * bdk));
@@ -436,7 +426,6 @@ void knn_kernel_impl(const at::Tensor& x, const at::Tensor& q, int64_t k, int64_
       }
     });
   };
-  (void)bd;
   std::vector<int64_t> rows(static_cast<size_t>(M));
   for (int64_t r = 0; r < M; ++r) rows[static_cast<size_t>(r)] = r;
   const KnnState<T, K> S{x.data_ptr<T>(), q.data_ptr<T>(), xn.data_ptr<K>(),

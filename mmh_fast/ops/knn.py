@@ -139,12 +139,19 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def check_precision(precision) -> str:
+    """``precision`` of :func:`knn` (and of the retrieval functions built on
+    it), or a ValueError naming the accepted values."""
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    return precision
+
+
 def candidate_screen(precision: str, dtype: torch.dtype, device, n_features: int) -> str | None:
     """The reduced-precision screen ``knn(precision=...)`` uses for data of
     this dtype, device and width: "bf16", "float32", or None for the GEMM in
     the data's own dtype. Raises on an unknown or impossible precision."""
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    check_precision(precision)
     device = torch.device(device)
     if precision == "full":
         return None
@@ -190,21 +197,20 @@ def knn(data, queries=None, k: int | None = None, exclude_self: bool = True, *, 
             dataset in pieces; the result has ``len(range(N)[rows])`` rows.
         precision: arithmetic of the GEMM that screens candidates; the k
             returned are always re-ranked by exact float64 distances.
-            ``"full"``: the data dtype. ``"bf16"`` (CPU, float32 data):
-            bf16 inputs, ~2.5x the float32 GEMM throughput on CPUs with
-            bf16 dot-product instructions. ``"float32"`` (CPU, float64
-            data): a float32 GEMM, 2x the float64 one. A reduced screen
-            keeps ``max(extra_candidates, 32)`` (bf16) or
-            ``max(extra_candidates, 8)`` (float32) candidates beyond k, takes
-            them in key order, computing exact distances until the next key exceeds
-            the k-th exact key by more than ``SCREEN_CERTIFICATE`` (4) times
-            the largest screening error measured on the row's own
-            candidates; a row whose candidates run out first is searched
-            again with the full screen, so results are the same in every
-            mode. ``"auto"`` (default): ``"bf16"`` for float32 data on a CPU
-            with native bf16 (AVX512-BF16 or AMX) and D >= 256, where the
-            GEMM dominates; ``"float32"`` for float64 data on a CPU;
-            ``"full"`` otherwise.
+            ``"full"``: the data dtype. ``"bf16"`` (CPU): bf16 inputs,
+            ~2.5x the float32 GEMM throughput on CPUs with bf16 dot-product
+            instructions. ``"float32"`` (CPU, float64 data): a float32 GEMM,
+            2x the float64 one. A reduced screen keeps
+            ``max(extra_candidates, 32)`` (bf16) or ``max(extra_candidates,
+            8)`` (float32) candidates beyond k and takes them in key order,
+            computing exact distances until the next key exceeds the k-th
+            exact key by more than ``SCREEN_CERTIFICATE`` (4) times the
+            largest screening error measured on the row's own candidates; a
+            row whose candidates run out first is searched again with the
+            full screen, so results are the same in every mode. ``"auto"``
+            (default): ``"bf16"`` for float32 data on a CPU with native bf16
+            (AVX512-BF16 or AMX) and D >= 256, where the GEMM dominates;
+            ``"float32"`` for float64 data on a CPU; ``"full"`` otherwise.
 
     Returns:
         (distances [M, k] in the data dtype, indices [M, k] int64), each row
@@ -219,8 +225,9 @@ def knn(data, queries=None, k: int | None = None, exclude_self: bool = True, *, 
             or extra_candidates < 0:
         raise ValueError(f"extra_candidates must be a non-negative integer, got {extra_candidates!r}")
     screen = candidate_screen(precision, x.dtype, x.device, x.shape[1])
-    fn = kernel("knn", x.device)
-    if screen is not None:
+    if screen is None:
+        fn = kernel("knn", x.device)
+    else:
         screened, extra_s = native().knn_screened_cpu, max(int(extra_candidates), SCREEN_MIN_EXTRA[screen])
 
         def fn(x_, q_, k_, off_, sq_, _extra):
