@@ -162,3 +162,82 @@ def test_bad_input_errors():
     res = mmh_fast.classify_memorization([1.0], [1.0])
     with pytest.raises(ValueError, match="label must be one of"):
         res.mask("memorized")
+
+
+def test_low_data_lid_with_a_high_model_lid_is_not_dd_mem(data):
+    """Fig. 1f: LID_* = 0 at the duplicates, but a model whose manifold there is
+    5-dimensional does not reproduce them: that is not memorization (DD-Mem needs
+    LID_theta low because LID_* is low, Sec. 2-3)."""
+    X, dim, bases, lid_star = data
+    ranks = np.where(dim == 0, 5, dim)   # the model spreads a 5-d patch over every duplicate
+    lid_theta = model_lid(X, bases, ranks)
+    assert lid_theta[dim == 0].tolist() == [5] * int((dim == 0).sum())
+    res = mmh_fast.classify_memorization(lid_theta, lid_star)
+    assert res.labels.tolist() == ["none"] * len(dim)
+    # explicit thresholds: LID_* 0 with LID_theta 9 (far above LID_* + margin) is "none";
+    # LID_theta within the margin of a low LID_* stays DD-Mem
+    res = mmh_fast.classify_memorization([9.0, 1.5, 1.6, 0.0], [0.0, 0.0, 0.0, 0.0], margin=1.5, low=2.0)
+    assert res.labels.tolist() == ["none", "dd_mem", "none", "dd_mem"]
+
+
+def _mixed_model(data):
+    """A model that keeps 1 of the 8-d patch's dimensions (OD-Mem there) and generalises elsewhere."""
+    X, dim, bases, lid_star = data
+    ranks = np.where(dim == 8, 1, dim)
+    return model_lid(X, bases, ranks), np.where(dim == 8, "od_mem", np.where(dim == 0, "dd_mem", "none"))
+
+
+def test_incompatible_scales_warn_and_median_ratio_maps_them(data):
+    X, dim, bases, lid_star = data
+    lid_theta, want = _mixed_model(data)
+    assert mmh_fast.classify_memorization(lid_theta, lid_star).labels.tolist() == want.tolist()
+    # the same model LIDs in units 700x larger (as raw FLIPD ~3600 of an untrained model against LID_* ~5):
+    # compared directly, nothing is below LID_* and every OD-Mem point is lost -- now with a warning.
+    # median_ratio maps FLIPD 1, 3, 5 onto 5/3, 5, 25/3 (medians 3 and 5): the 8-d patch stays clearly below
+    raw = 700.0 * lid_theta
+    with pytest.warns(UserWarning, match="not on one scale"):
+        res = mmh_fast.classify_memorization(raw, lid_star)
+    assert res.counts()["od_mem"] == 0
+    # median_ratio: raw * median(LID_*) / median(raw) = lid_theta * median(LID_*) / median(lid_theta)
+    factor = np.median(lid_star) / np.median(raw)
+    res = mmh_fast.classify_memorization(raw, lid_star, scale="median_ratio")
+    assert res.scale == pytest.approx(factor, rel=1e-12)
+    assert res.scale == pytest.approx(np.median(lid_star) / np.median(lid_theta) / 700.0, rel=1e-12)
+    ref = mmh_fast.classify_memorization(raw * factor, lid_star)
+    assert res.labels.tolist() == ref.labels.tolist() == want.tolist()
+    # a given factor
+    res = mmh_fast.classify_memorization(raw, lid_star, scale=1 / 700)
+    assert res.labels.tolist() == want.tolist() and res.scale == pytest.approx(1 / 700)
+    assert mmh_fast.lid.memorization.scale_ratio(raw, lid_star) == pytest.approx(1 / factor)
+
+
+def test_scales_within_the_tolerance_do_not_warn(data, recwarn):
+    X, dim, bases, lid_star = data
+    lid_theta, _ = _mixed_model(data)
+    mmh_fast.classify_memorization(2.0 * lid_theta, lid_star)
+    assert not [w for w in recwarn if "scale" in str(w.message)]
+
+
+def test_mad_margin():
+    t = np.array([1.0, 2.0, 3.0, 4.0, 10.0, 0.0])
+    s = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 8.0])
+    diff = t - s
+    mad = np.median(np.abs(diff - np.median(diff)))          # diffs 0,1,2,3,9,-8: median 1.5, MAD 1.5
+    res = mmh_fast.classify_memorization(t, s, margin="mad", low=1.0)
+    assert mad == 1.5 and res.margin == pytest.approx(3 * 1.4826 * 1.5)   # 6.67 > the default 0.1
+    # t - s = -8 < -6.67: od_mem; t <= s + 6.67 with s = 1 <= low: dd_mem (t = 10 is not: none)
+    assert res.labels.tolist() == ["dd_mem"] * 4 + ["none", "od_mem"]
+
+
+def test_scale_errors():
+    with pytest.raises(ValueError, match="scale must be one of"):
+        mmh_fast.classify_memorization([1.0], [1.0], scale="median")
+    with pytest.raises(ValueError, match="positive finite"):
+        mmh_fast.classify_memorization([1.0], [1.0], scale=-2.0)
+    with pytest.raises(TypeError, match="scale must be one of"):
+        mmh_fast.classify_memorization([1.0], [1.0], scale=True)
+    with pytest.raises(ValueError, match="needs positive medians"):
+        mmh_fast.classify_memorization([1.0, 2.0, 3.0], [0.0, 0.0, 5.0], scale="median_ratio")
+    with pytest.raises(ValueError, match="margin must be a number >= 0, None or 'mad'"):
+        mmh_fast.classify_memorization([1.0], [1.0], margin="iqr")
+    assert mmh_fast.lid.memorization.scale_ratio([1.0, 2.0, 3.0], [0.0, 0.0, 5.0]) is None

@@ -254,12 +254,8 @@ def _run(cfg: DemoConfig, out: str, quick: bool, quiet: bool, report: bool) -> D
     # typical disagreement: the OD-Mem margin is three robust standard deviations (1.4826 MAD)
     # of the difference, never below classify_memorization's own default margin.
     t_clamped = np.clip(lid_model, 0, d)
-    t_scale = float(np.median(lid_data)) / max(float(np.median(t_clamped)), 1e-12)
-    t_clamped = t_clamped * t_scale
-    diff = t_clamped - lid_data
-    spread = 3 * 1.4826 * float(np.median(np.abs(diff - np.median(diff))))
-    margin = max(spread, classify_memorization(t_clamped, lid_data).margin)
-    classes = classify_memorization(t_clamped, lid_data, margin=margin)
+    classes = classify_memorization(t_clamped, lid_data, scale="median_ratio", margin="mad")
+    t_scale, margin = classes.scale, classes.margin
     log.info(f"classes: FLIPD x {t_scale:.3f} onto the LID_* scale, margin {margin:.2f}")
     labels = classes.labels
 
