@@ -1,6 +1,8 @@
 """jacobian_rank against exact truths: linear and ReLU-masked generators whose
 Jacobian ranks are known in closed form, bottleneck MLPs, and a brute-force
 per-sample torch.autograd.functional.jacobian + torch.linalg.svdvals."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -305,3 +307,111 @@ def test_cuda_matches_cpu(method):
                                           return_singular_values=True)
     assert r_gpu.is_cuda and r_gpu.cpu().tolist() == r_cpu.tolist() == want
     torch.testing.assert_close(v_gpu.cpu()[:, :1], v_cpu[:, :1], rtol=1e-4, atol=1e-4)
+
+
+
+def _linear_of_rank(rank, d, D, g, *, flat):
+    """W [D, d] of exact rank ``rank``: U V^T (all singular values 1) when
+    ``flat``, else U diag(s) V^T with s uniform in [1, 3]. Either is far from a
+    0.5 threshold on both sides (the zero values compute to ~1e-6 in float32),
+    so every correct method must count exactly ``rank``."""
+    s = torch.ones(rank, dtype=torch.float64) if flat else 1.0 + 2.0 * torch.rand(rank, generator=g,
+                                                                                   dtype=torch.float64)
+    W = orthonormal(D, rank, g) @ torch.diag(s) @ orthonormal(d, rank, g).T
+    return Linear(W, (D,)).eval()
+
+
+@pytest.mark.parametrize("rank", [100, 300])
+@pytest.mark.parametrize("flat, n_iter", [(True, 1), (False, 0)])
+def test_randomized_counts_ranks_far_above_the_initial_sketch(rank, flat, n_iter):
+    """Issue 13 item 1: the sketch starts with 42 columns (rank_hint 32 +
+    oversample 10); its error probes must be independent of the sketch's
+    columns. The old 32-bit probe counter aliased the error probes (index
+    2**40) to sketch columns 0..9, whose residual is 0 when Q spans J Omega:
+    with no power iteration, or with one when J^T J is a multiple of the
+    identity on its range (flat spectrum). The bound was then ~0 and the
+    42-column sketch was accepted: rank 42 for both ranks. Rank 100 is decided
+    by the grown 168-column sketch, rank 300 (> d / 2) by the exact path after
+    three sketches (42, 84, 168 columns)."""
+    g = torch.Generator().manual_seed(13)
+    d, D = 400, 500
+    G = _linear_of_rank(rank, d, D, g, flat=flat)
+    z = torch.randn(3, d, generator=g)
+    assert mmh_fast.jacobian_rank(G, z, threshold=0.5, method="exact").tolist() == [rank] * 3
+    assert mmh_fast.jacobian_rank(G, z, threshold=0.5, n_iter=n_iter).tolist() == [rank] * 3
+    r, s = mmh_fast.jacobian_rank(G, z, threshold=0.5, method="randomized", n_iter=n_iter,
+                                  return_singular_values=True)
+    assert r.tolist() == [rank] * 3
+    # rank 100: a sketch's values (168 wide); rank 300: the exact path's min(D, d) = 400
+    assert s.shape[1] == (168 if rank == 100 else 400)
+
+
+# ------------------------------------------------------- out of memory ---
+
+def _oom_error(kind):
+    if kind == "torch":
+        return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    return RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: "
+                        "you tried to allocate 21474836480 bytes.")
+
+
+class _OomInDerivatives(torch.autograd.Function):
+    """Identity whose first derivative call (JVP or VJP) runs out of memory and
+    whose later ones work: stands in for a network too large for the batched
+    Jacobian products of a chunk, where a fallback to smaller products would
+    hide the OOM and return a result."""
+    generate_vmap_rule = True
+    kind = "torch"
+    calls = 0
+
+    @staticmethod
+    def _derivative(value):
+        _OomInDerivatives.calls += 1
+        if _OomInDerivatives.calls == 1:
+            raise _oom_error(_OomInDerivatives.kind)
+        return value
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _OomInDerivatives._derivative(grad)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return _OomInDerivatives._derivative(tangent)
+
+
+class _OomModel(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, z):
+        return _OomInDerivatives.apply(self.inner(z))
+
+
+@pytest.mark.parametrize("kind", ["torch", "message"])
+@pytest.mark.parametrize("method, ad", [("exact", "auto"), ("randomized", "auto"), ("exact", "reverse"),
+                                        ("randomized", "forward")])
+def test_out_of_memory_is_raised_not_swallowed(monkeypatch, kind, method, ad):
+    """Issue 13 item 4: an OOM inside the Jacobian products propagates; it is
+    never taken for missing forward-mode AD (a warning and D backward passes)
+    nor for a failed batched VJP (one backward pass per output coordinate).
+    kind "message": a RuntimeError saying so, as the CPU allocator raises."""
+    monkeypatch.setattr(_OomInDerivatives, "kind", kind)
+    monkeypatch.setattr(_OomInDerivatives, "calls", 0)
+    g = torch.Generator().manual_seed(9)
+    G = _OomModel(ReluMasked(6, (2, 3), g))
+    z = torch.randn(4, 6, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "forward-mode AD failed" warning either
+        with pytest.raises(RuntimeError, match="out of memory|not enough memory") as info:
+            mmh_fast.jacobian_rank(G, z, threshold=1e-2, method=method, ad=ad, rank_hint=1, oversample=1)
+    assert isinstance(info.value, torch.OutOfMemoryError) == (kind == "torch")

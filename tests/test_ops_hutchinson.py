@@ -38,6 +38,103 @@ def test_probes_match_reference(device, kind, dtype):
                                atol=1e-12 if dtype == torch.float64 else 1e-6)
 
 
+def _words_of_layout(ids, numel, probes, seed, c0_of):
+    """Philox words [P, B, blocks, 4] with c1 = p mod 2**32, (c2, c3) = sample
+    id, key = seed and c0 = c0_of(block, p): the counter layout written out by hand."""
+    ids = torch.as_tensor(ids, dtype=torch.int64).reshape(1, -1, 1)
+    p = torch.as_tensor(probes, dtype=torch.int64).reshape(-1, 1, 1)
+    blk = torch.arange((numel + 3) // 4, dtype=torch.int64).reshape(1, 1, -1)
+    w = ref.philox4x32_10(c0_of(blk, p), p & 0xFFFFFFFF, ids & 0xFFFFFFFF, ids >> 32,
+                          seed & 0xFFFFFFFF, seed >> 32)
+    return torch.stack(torch.broadcast_tensors(*w), dim=-1)
+
+
+def _signs(words):
+    return torch.where((words >> 31) == 1, -1.0, 1.0).to(torch.float64).reshape(*words.shape[:2], -1)
+
+
+def test_probe_counter_keeps_low_probe_indices():
+    """Probes of index < 2**32 keep the layout c0 = block, c1 = probe: the
+    values every earlier result (FLIPD, NB, sample noise) was computed with."""
+    ids, seed, probes = [0, 9, 2**40 + 3], 2**63 + 5, [0, 1, 0x4E42_0000, 2**32 - 1]
+    want = _signs(_words_of_layout(ids, 24, probes, seed, lambda blk, p: blk))
+    for p_i, p in enumerate(probes):
+        got = ops.hutchinson_probes((3, 24), 1, seed=seed - 2**64, sample_ids=ids, probe_begin=p,
+                                    dtype=torch.float64)
+        torch.testing.assert_close(got[0], want[p_i], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("probe_begin", [2**32 - 2, 2**33 - 1, 2**34 - 3])
+def test_probe_counter_uses_high_probe_bits(device, probe_begin):
+    """Issue 13 item 1: the counter once kept only the low 32 bits of the probe
+    index, so probe 2**32 + j was probe j again. Kernel, reference and the
+    hand-written layout (c0 = block | (p >> 32) << 30) agree, and probe p + 2**32
+    differs from probe p."""
+    ids, seed, n = torch.tensor([1, 2**35 + 4]), 77, 3
+    got = ops.hutchinson_probes((2, 41), n, probe="gaussian", seed=seed, sample_ids=ids, probe_begin=probe_begin,
+                                dtype=torch.float64, device=device).cpu()
+    want = ref.hutchinson_probes(ids, 41, probe_begin, n, seed, "gaussian", torch.float64)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    probes = list(range(probe_begin, probe_begin + n))
+    hand = _signs(_words_of_layout(ids, 41, probes, seed, lambda blk, p: blk | ((p >> 32) << 30)))[..., :41]
+    rad = ops.hutchinson_probes((2, 41), n, seed=seed, sample_ids=ids, probe_begin=probe_begin,
+                                dtype=torch.float64, device=device).cpu()
+    torch.testing.assert_close(rad, hand, rtol=0, atol=0)
+    for j, p in enumerate(probes):  # 82 signs equal by chance with probability 2**-82
+        low = ops.hutchinson_probes((2, 41), 1, seed=seed, sample_ids=ids, probe_begin=p % 2**32,
+                                    dtype=torch.float64, device=device).cpu()
+        assert torch.equal(rad[j], low[0]) == (p < 2**32)
+    # the reduction regenerates the same probes
+    av = torch.randn(n, 2, 41, dtype=torch.float64)
+    fn = getattr(mmh_fast._native.native(), f"hutchinson_reduce_{device.type}")
+    _, _, dots = fn(av.to(device), ids.to(device), probe_begin, seed, 1)
+    torch.testing.assert_close(dots.cpu(), (want * av).sum(-1), rtol=1e-12, atol=1e-12)
+
+
+def test_probe_counter_rejects_keys_it_cannot_hold(device):
+    """Probe indices >= 2**34 or more than 2**32 elements per probe have no
+    counter of their own: refused at every layer, never aliased."""
+    C = mmh_fast._native.native()
+    ids = torch.zeros(1, dtype=torch.int64, device=device)
+    gen, red = getattr(C, f"hutchinson_probes_{device.type}"), getattr(C, f"hutchinson_reduce_{device.type}")
+    assert gen(ids, 4, 2**34 - 1, 1, 0, 0, torch.float32).shape == (1, 1, 4)
+    with pytest.raises(ValueError, match="must be < 2\\^34"):
+        gen(ids, 4, 2**34 - 1, 2, 0, 0, torch.float32)
+    with pytest.raises(ValueError, match="must be < 2\\^34"):
+        gen(ids, 4, 2**63 - 1, 1, 0, 0, torch.float32)
+    with pytest.raises(ValueError, match="numel"):
+        gen(ids, 2**32 + 1, 0, 1, 0, 0, torch.float32)
+    with pytest.raises(ValueError, match="must be < 2\\^34"):
+        red(torch.zeros(2, 1, 4, device=device), ids, 2**34 - 1, 0, 0)
+    with pytest.raises(ValueError, match="PROBE_INDEX_LIMIT"):
+        ops.hutchinson_probes((1, 4), 2, probe_begin=ops.hutchinson.PROBE_INDEX_LIMIT - 1, device=device)
+    with pytest.raises(ValueError, match="PROBE_INDEX_LIMIT"):
+        ops.hutchinson_trace(lambda v: v, torch.zeros(1, 4, device=device), 1, probe_begin=2**40)
+    with pytest.raises(ValueError, match="PROBE_NUMEL_LIMIT"):
+        ops.hutchinson_probes((1, 2**16, 2**16 + 1), 1, device=device)
+    with pytest.raises(ValueError, match="probe_begin must be >= 0"):
+        ops.hutchinson_probes((1, 4), 1, probe_begin=-1, device=device)
+    with pytest.raises(ValueError, match="outside the counter"):
+        ref.hutchinson_probes(torch.zeros(1, dtype=torch.int64), 4, 2**34, 1, 0)
+
+
+def test_probe_streams_of_the_library_fit_the_counter():
+    """Every fixed probe stream (offset + the probes it may draw) lies inside
+    the counter, and the streams are disjoint: sketch columns [0, d) and
+    FLIPD / SolidMark probes from 0, NB and sample noise from their offsets,
+    jacobian_rank's error probes from 2**33."""
+    from mmh_fast.lid.jacobian import _ERROR_PROBE_OFFSET, _N_ERROR_PROBES
+    from mmh_fast.lid.normal_bundle import _NB_STREAM
+    from mmh_fast.models.sampling import _NOISE_STREAM
+    starts = sorted([_NB_STREAM, _NOISE_STREAM, _ERROR_PROBE_OFFSET])
+    assert starts == [_NB_STREAM, _NOISE_STREAM, _ERROR_PROBE_OFFSET]
+    # NB draws at most d <= 2**27 probes before the noise stream; the noise
+    # stream one per sampler step (< 2**32); the error probes 10
+    assert _NOISE_STREAM - _NB_STREAM > 2**27
+    assert _ERROR_PROBE_OFFSET - _NOISE_STREAM > 2**32
+    assert _ERROR_PROBE_OFFSET + _N_ERROR_PROBES <= ops.hutchinson.PROBE_INDEX_LIMIT
+
+
 def test_rademacher_values_and_balance():
     v = ops.hutchinson_probes((64, 1000), 2, probe="rademacher", seed=1, dtype=torch.float64)
     assert set(v.unique().tolist()) == {-1.0, 1.0}

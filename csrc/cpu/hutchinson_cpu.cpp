@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/probe_checks.h"
 #include "../kernels/philox.h"
 
 namespace mmh {
@@ -18,7 +19,7 @@ namespace {
 constexpr int64_t kChunk = 1 << 14;  // elements per reduction chunk (multiple of 4)
 
 void check_common(const at::Tensor& sample_ids, int64_t probe_begin,
-                  int64_t seed, int64_t kind) {
+                  int64_t n_probes, int64_t numel, int64_t seed, int64_t kind) {
   MMH_CHECK_DIM(sample_ids, 1, "sample_ids");
   MMH_CHECK_TYPE(sample_ids.scalar_type() == at::kLong,
                  "sample_ids must be int64, got ", sample_ids.scalar_type());
@@ -26,6 +27,7 @@ void check_common(const at::Tensor& sample_ids, int64_t probe_begin,
   MMH_CHECK_VALUE(probe_begin >= 0, "probe_begin must be >= 0, got ", probe_begin);
   MMH_CHECK_VALUE(kind == 0 || kind == 1,
                   "probe kind must be 0 (rademacher) or 1 (gaussian), got ", kind);
+  check_counter_range(probe_begin, n_probes, numel);
   (void)seed;
 }
 
@@ -35,9 +37,9 @@ at::Tensor hutchinson_probes_cpu(const at::Tensor& sample_ids, int64_t numel,
                                  int64_t probe_begin, int64_t n_probes,
                                  int64_t seed, int64_t kind,
                                  at::ScalarType dtype) {
-  check_common(sample_ids, probe_begin, seed, kind);
   MMH_CHECK_VALUE(numel > 0, "numel must be positive, got ", numel);
   MMH_CHECK_VALUE(n_probes > 0, "n_probes must be positive, got ", n_probes);
+  check_common(sample_ids, probe_begin, n_probes, numel, seed, kind);
   MMH_CHECK_TYPE(at::isFloatingType(dtype), "probe dtype must be floating, got ", dtype);
   const auto ids = sample_ids.contiguous();
   const int64_t B = ids.size(0);
@@ -70,8 +72,8 @@ at::Tensor hutchinson_probes_cpu(const at::Tensor& sample_ids, int64_t numel,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hutchinson_reduce_cpu(
     const at::Tensor& av, const at::Tensor& sample_ids, int64_t probe_begin,
     int64_t seed, int64_t kind) {
-  check_common(sample_ids, probe_begin, seed, kind);
   MMH_CHECK_DIM(av, 3, "av");
+  check_common(sample_ids, probe_begin, av.size(0), av.size(2), seed, kind);
   MMH_CHECK_FLOATING(av, "av");
   MMH_CHECK_CPU(av, "av");
   MMH_CHECK_VALUE(av.size(1) == sample_ids.size(0), "av has ", av.size(1),

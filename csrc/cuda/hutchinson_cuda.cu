@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "../common/checks.h"
+#include "../common/probe_checks.h"
 #include "../kernels/philox.h"
 
 namespace mmh {
@@ -72,7 +73,8 @@ __global__ void reduce_kernel(const scalar_t* __restrict__ av,
   if (threadIdx.x == 0) partial[i] = buf[0];
 }
 
-void check_common(const at::Tensor& sample_ids, int64_t probe_begin, int64_t kind) {
+void check_common(const at::Tensor& sample_ids, int64_t probe_begin, int64_t n_probes,
+                  int64_t numel, int64_t kind) {
   MMH_CHECK_DIM(sample_ids, 1, "sample_ids");
   MMH_CHECK_TYPE(sample_ids.scalar_type() == at::kLong,
                  "sample_ids must be int64, got ", sample_ids.scalar_type());
@@ -80,6 +82,7 @@ void check_common(const at::Tensor& sample_ids, int64_t probe_begin, int64_t kin
   MMH_CHECK_VALUE(probe_begin >= 0, "probe_begin must be >= 0, got ", probe_begin);
   MMH_CHECK_VALUE(kind == 0 || kind == 1,
                   "probe kind must be 0 (rademacher) or 1 (gaussian), got ", kind);
+  check_counter_range(probe_begin, n_probes, numel);
 }
 
 }  // namespace
@@ -88,9 +91,9 @@ at::Tensor hutchinson_probes_cuda(const at::Tensor& sample_ids, int64_t numel,
                                   int64_t probe_begin, int64_t n_probes,
                                   int64_t seed, int64_t kind,
                                   at::ScalarType dtype) {
-  check_common(sample_ids, probe_begin, kind);
   MMH_CHECK_VALUE(numel > 0, "numel must be positive, got ", numel);
   MMH_CHECK_VALUE(n_probes > 0, "n_probes must be positive, got ", n_probes);
+  check_common(sample_ids, probe_begin, n_probes, numel, kind);
   c10::cuda::CUDAGuard guard(sample_ids.device());
   const auto ids = sample_ids.contiguous();
   const int64_t B = ids.size(0);
@@ -113,8 +116,8 @@ at::Tensor hutchinson_probes_cuda(const at::Tensor& sample_ids, int64_t numel,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hutchinson_reduce_cuda(
     const at::Tensor& av, const at::Tensor& sample_ids, int64_t probe_begin,
     int64_t seed, int64_t kind) {
-  check_common(sample_ids, probe_begin, kind);
   MMH_CHECK_DIM(av, 3, "av");
+  check_common(sample_ids, probe_begin, av.size(0), av.size(2), kind);
   MMH_CHECK_FLOATING(av, "av");
   MMH_CHECK_CUDA(av, "av");
   MMH_CHECK_VALUE(av.device() == sample_ids.device(),

@@ -7,9 +7,18 @@
 // plain-PyTorch reference produce the same bits.
 //
 // Counter layout for element e of probe p of sample s (one Philox call gives
-// four 32-bit words, i.e. four consecutive elements):
-//   c0 = e / 4, c1 = p, c2 = low 32 bits of s, c3 = high 32 bits of s
-//   key = (low 32 bits of seed, high 32 bits of seed)
+// four 32-bit words, i.e. four consecutive elements; block = e / 4):
+//   c0 = block | (p >> 32) << 30, c1 = low 32 bits of p,
+//   c2 = low 32 bits of s, c3 = high 32 bits of s,
+//   key = (low 32 bits of seed, high 32 bits of seed).
+// The 192 input bits of Philox4x32 (128 counter + 64 key) hold the whole
+// 64-bit seed, the whole 64-bit sample id, a 34-bit probe index and a 30-bit
+// block index, and distinct (seed, s, p, block) give distinct inputs: no two
+// keys alias. A 64-bit probe index cannot fit beside the element index, so
+// probe indices >= 2^34 (kProbeLimit) and probes of more than 2^32 elements
+// (kNumelLimit) are rejected by the callers (within_limits), never truncated.
+// For p < 2^32 the layout is the earlier (block, p, s, seed) one, so every
+// probe of index < 2^32 keeps its values.
 #pragma once
 
 #include <cmath>
@@ -65,10 +74,24 @@ MMH_UNROLL
   return out;
 }
 
-// The four words that cover elements [4 * block, 4 * block + 4).
+constexpr int kBlockBits = 30;
+constexpr uint64_t kProbeLimit = uint64_t{1} << (64 - kBlockBits);  // probe indices < 2^34
+constexpr uint64_t kNumelLimit = uint64_t{4} << kBlockBits;         // elements per probe <= 2^32
+
+// True when probes [probe_begin, probe_begin + n_probes) of numel elements
+// each have a counter (see the layout above). All arguments are >= 0.
+inline bool within_limits(int64_t probe_begin, int64_t n_probes, int64_t numel) {
+  return static_cast<uint64_t>(numel) <= kNumelLimit &&
+         static_cast<uint64_t>(probe_begin) < kProbeLimit &&
+         static_cast<uint64_t>(n_probes) <= kProbeLimit - static_cast<uint64_t>(probe_begin);
+}
+
+// The four words that cover elements [4 * block, 4 * block + 4); requires
+// probe < kProbeLimit and block < 2^kBlockBits (within_limits).
 MMH_HD U32x4 block_words(uint64_t seed, uint64_t sample, uint64_t probe,
                          uint64_t block) {
-  return philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(probe),
+  const uint32_t c0 = static_cast<uint32_t>(block | ((probe >> 32) << kBlockBits));
+  return philox4x32_10(c0, static_cast<uint32_t>(probe),
                        static_cast<uint32_t>(sample),
                        static_cast<uint32_t>(sample >> 32),
                        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));

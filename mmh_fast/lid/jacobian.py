@@ -26,7 +26,22 @@ AUTO_RANDOMIZED_MIN_LATENT = 256
 JACOBIAN_BUDGET = 1 << 25
 # Posterior error probes of the randomized sketch (failure probability 10**-P, see _sketch_chunk).
 _N_ERROR_PROBES = 10
-_ERROR_PROBE_OFFSET = 1 << 40  # probe indices of the error probes: disjoint from the sketch's
+# Probe indices of the error probes: far above the sketch's [0, l) with l <= d,
+# and inside the counter's 2**34 probe indices (ops.PROBE_INDEX_LIMIT), so they
+# are independent of the sketch's columns (index 2**40 once aliased to 0).
+_ERROR_PROBE_OFFSET = 1 << 33
+
+
+def _is_oom(exc: BaseException) -> bool:
+    """An out-of-memory error (torch.OutOfMemoryError, or a RuntimeError whose
+    message says so, as the CPU and MPS allocators raise): always re-raised, never
+    taken for missing forward-mode AD or a failed batched product, whose
+    fallbacks would hide it behind a slower path."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        m in msg for m in ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory"))
 
 
 def _check_generator_output(x, z: torch.Tensor) -> torch.Tensor:
@@ -109,7 +124,9 @@ def _jacobian_reverse(op: _Operator) -> torch.Tensor:
                 g = torch.autograd.grad(x, zz, E, retain_graph=True, is_grads_batched=True)[0]
                 J[:, i0:i1, :] = g.reshape(i1 - i0, op.b, op.d).permute(1, 0, 2)
                 continue
-            except RuntimeError:
+            except RuntimeError as exc:
+                if _is_oom(exc):
+                    raise
                 batched = False
         for i in range(i0, i1):
             g = torch.autograd.grad(x[:, i].sum(), zz, retain_graph=True)[0]
@@ -205,7 +222,9 @@ def jacobian_rank(generator: Callable, z, *, threshold: float | None = None, per
         ad: "auto" (forward mode; on failure -- some modules have no
             forward-mode AD, e.g. diffusers attention on CPU -- a warning and
             reverse mode), "forward", or "reverse" (one VJP per output
-            coordinate: D backward passes instead of d forward ones).
+            coordinate: D backward passes instead of d forward ones). An
+            out-of-memory error is never a reason to fall back: it is raised
+            (lower ``batch_size``).
         rank_hint, oversample, n_iter, seed: randomized sketch (seed keys the
             counter-based Gaussian probes by sample index, so a sample's sketch
             does not depend on batch_size).
@@ -267,7 +286,7 @@ def jacobian_rank(generator: Callable, z, *, threshold: float | None = None, per
                 state["ad"] = "forward"
                 return J
             except (RuntimeError, NotImplementedError, TypeError) as exc:
-                if state["ad"] == "forward":
+                if state["ad"] == "forward" or _is_oom(exc):
                     raise
                 warnings.warn(f"forward-mode AD failed for this generator ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200]}); using reverse mode (one VJP per output "
@@ -329,8 +348,8 @@ def _randomized_chunk(op: _Operator, idx: torch.Tensor, tau: float, ranks: torch
                                                          _slice_kwargs(op.kwargs, op.b, local))
         try:
             M, err = _sketch_chunk(sub, idx[local].to(op.z.device), l, n_iter, seed)
-        except (RuntimeError, NotImplementedError, TypeError):
-            if state["ad"] == "forward":
+        except (RuntimeError, NotImplementedError, TypeError) as exc:
+            if state["ad"] == "forward" or _is_oom(exc):
                 raise
             break  # no forward AD: the exact path falls back to reverse mode
         _, s = ops.svd_rank(M, threshold=tau, rule="threshold", method="exact")

@@ -15,15 +15,32 @@ import torch
 from ._arrays import as_tensor
 from ._dispatch import kernel
 
-__all__ = ["hutchinson_probes", "hutchinson_trace", "PROBE_KINDS"]
+__all__ = ["hutchinson_probes", "hutchinson_trace", "PROBE_KINDS", "PROBE_INDEX_LIMIT", "PROBE_NUMEL_LIMIT"]
 
 PROBE_KINDS = {"rademacher": 0, "gaussian": 1}
+#: probe indices must be < 2**34 and a probe may have at most 2**32 elements:
+#: with the whole 64-bit seed and sample id, that is all the 192 input bits of
+#: Philox4x32 hold (csrc/kernels/philox.h), so larger keys are refused rather
+#: than truncated into another probe's stream
+PROBE_INDEX_LIMIT = 1 << 34
+PROBE_NUMEL_LIMIT = 1 << 32
 
 
 def _probe_kind(probe: str) -> int:
     if probe not in PROBE_KINDS:
         raise ValueError(f"probe must be one of {sorted(PROBE_KINDS)}, got {probe!r}")
     return PROBE_KINDS[probe]
+
+
+def _check_counter_range(probe_begin: int, n_probes: int, numel: int) -> None:
+    if probe_begin < 0:
+        raise ValueError(f"probe_begin must be >= 0, got {probe_begin}")
+    if probe_begin + n_probes > PROBE_INDEX_LIMIT:
+        raise ValueError(f"probe indices [probe_begin, probe_begin + n_probes) = [{probe_begin}, "
+                         f"{probe_begin + n_probes}) must be < 2**34 (PROBE_INDEX_LIMIT), the probe counter's range")
+    if numel > PROBE_NUMEL_LIMIT:
+        raise ValueError(f"a probe has {numel} elements per sample; at most 2**32 (PROBE_NUMEL_LIMIT) have a "
+                         "probe counter")
 
 
 def _sample_ids(sample_ids, batch: int, device) -> torch.Tensor:
@@ -49,7 +66,10 @@ def hutchinson_probes(shape, n_probes: int = 1, *, probe: str = "rademacher", se
         seed: 64-bit key of the counter-based generator.
         sample_ids: [B] non-negative ids (default ``arange(B)``); a sample's
             probes depend only on (seed, its id, probe index).
-        probe_begin: index of the first probe (to continue a stream of probes).
+        probe_begin: index of the first probe (to continue a stream of probes);
+            probe indices must stay below ``PROBE_INDEX_LIMIT`` = 2**34 and a
+            sample may have at most ``PROBE_NUMEL_LIMIT`` = 2**32 elements
+            (ValueError otherwise: larger keys have no counter of their own).
 
     Returns:
         Tensor [n_probes, B, *sample_shape] of ``dtype`` on ``device``.
@@ -61,6 +81,7 @@ def hutchinson_probes(shape, n_probes: int = 1, *, probe: str = "rademacher", se
         raise ValueError(f"n_probes must be >= 1, got {n_probes}")
     B = shape[0]
     numel = math.prod(shape[1:]) if len(shape) > 1 else 1
+    _check_counter_range(int(probe_begin), int(n_probes), numel)
     device = torch.device(device)
     ids = _sample_ids(sample_ids, B, device)
     fn = kernel("hutchinson_probes", device)
@@ -101,6 +122,7 @@ def hutchinson_trace(matvec: Callable[[torch.Tensor], torch.Tensor], x, n_probes
         raise ValueError("x contains NaN or inf values")
     B = xt.shape[0]
     numel = xt[0].numel()
+    _check_counter_range(int(probe_begin), n_probes, numel)
     ids = _sample_ids(sample_ids, B, xt.device)
     gen = kernel("hutchinson_probes", xt.device)
     reduce = kernel("hutchinson_reduce", xt.device)

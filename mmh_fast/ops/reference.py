@@ -48,14 +48,20 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
 def hutchinson_probes(sample_ids: torch.Tensor, numel: int, probe_begin: int, n_probes: int,
                       seed: int, kind: str = "rademacher", dtype=torch.float32) -> torch.Tensor:
     """Probes [n_probes, B, numel]: entry e of probe p of sample s is a pure
-    function of (seed, s, probe_begin + p, e). Rademacher from the top bit of
+    function of (seed, s, probe_begin + p, e), through the Philox counter
+    (e // 4 | (p >> 32) << 30, p mod 2**32, s mod 2**32, s >> 32) and key seed. Rademacher from the top bit of
     each word; Gaussian by Box-Muller on word pairs (0, 1) and (2, 3), in float64."""
     ids = torch.as_tensor(sample_ids, dtype=torch.int64).reshape(1, -1, 1)
     blocks = (numel + 3) // 4
+    # the counter holds a 34-bit probe index beside a 30-bit block index
+    if not (0 <= probe_begin and probe_begin + n_probes <= 2 ** 34 and numel <= 2 ** 32):
+        raise ValueError(f"probes [{probe_begin}, {probe_begin + n_probes}) of {numel} elements are outside "
+                         "the counter (probe index < 2**34, numel <= 2**32)")
     p = torch.arange(probe_begin, probe_begin + n_probes, dtype=torch.int64).reshape(-1, 1, 1)
     blk = torch.arange(blocks, dtype=torch.int64).reshape(1, 1, -1)
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    words = philox4x32_10(blk, p, ids & _MASK32, (ids >> 32) & _MASK32, seed & _MASK32, seed >> 32)
+    words = philox4x32_10(blk | ((p >> 32) << 30), p & _MASK32, ids & _MASK32, (ids >> 32) & _MASK32,
+                          seed & _MASK32, seed >> 32)
     w = torch.stack(torch.broadcast_tensors(*words), dim=-1)  # [P, B, blocks, 4]
     if kind == "rademacher":
         v = torch.where((w >> 31) == 1, -1.0, 1.0).to(torch.float64)
