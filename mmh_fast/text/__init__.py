@@ -48,3 +48,10 @@ __all__ = ["cfg_norm", "cfg_norm_train", "memorization_score", "token_attributio
            "mitigate", "OpenAIChatRephraser", "optimize_prompt_embedding", "generate", "evaluate_mitigation",
            "load_sscd_similarity", "load_clip_score", "METRICS", "DEFAULT_T_RANGES", "REPHRASERS",
            "BOX1_INSTRUCTION"]
+
+# the score-geometry detectors of 2024-2026 (issue 16)
+from .sharpness import (HESSIAN_BRANCHES, SAILResult, generate_sail, hessian_eigenvalues,  # noqa: E402
+                        hessian_score_difference_norm, optimize_initial_noise)
+
+__all__ += ["hessian_score_difference_norm", "hessian_eigenvalues", "optimize_initial_noise", "generate_sail",
+            "SAILResult", "HESSIAN_BRANCHES"]

@@ -1,0 +1,76 @@
+"""Plumbing shared by the score-geometry detectors (sharpness, anisotropy,
+memorization maps): (prompt, image) rows, the points of the CFG DDIM
+trajectory they are evaluated at, Jacobian-vector products of both eps
+branches, and the finite-score check."""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from ..lid.flipd import _jvp
+from ._core import TextPipeline, check_int
+
+__all__ = ["Rows", "row_chunks", "points_at", "jvp_of", "eps_pair_jvp", "check_scores"]
+
+
+class Rows:
+    """Rows r of a (prompt, image) table in prompt-major order: prompt r // M, image r % M."""
+
+    def __init__(self, r: torch.Tensor, num_images: int):
+        self.r = r
+        self.image = r % num_images
+        self.prompt = r // num_images
+
+    def __len__(self) -> int:
+        return len(self.r)
+
+
+def row_chunks(n_prompts: int, num_images: int, batch_size) -> Iterator[Rows]:
+    rows = n_prompts * num_images
+    bs = rows if batch_size is None else check_int(batch_size, "batch_size", 1)
+    for r0 in range(0, rows, bs):
+        yield Rows(torch.arange(r0, min(rows, r0 + bs)), num_images)
+
+
+def points_at(tp: TextPipeline, grid, rows: Rows, seed: int, cond: torch.Tensor, uncond: torch.Tensor,
+              guidance_scale: float, steps: Sequence[int]) -> Iterator[tuple[int, torch.Tensor]]:
+    """(i, x_i) for the sorted step indices ``steps`` along the CFG DDIM
+    trajectories of ``rows`` (x_T keyed by (seed, image)); stops after the last."""
+    x = tp.initial_latents(rows.image.tolist(), seed)
+    want = sorted(set(steps))
+    for i in range(want[-1] + 1):
+        if i in want:
+            yield i, x
+        if i < want[-1]:
+            with torch.no_grad():
+                e_u, e_c = tp.pair(x, grid, i, cond, uncond)
+            x = grid.step(i, x, e_u + guidance_scale * (e_c - e_u))
+
+
+def jvp_of(tp: TextPipeline, f, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """J_f(x) v by forward-mode AD through the pipeline's UNet (detached, x's dtype)."""
+    _, jv = _jvp(tp.net, f, x.detach(), v.detach().to(x.dtype))
+    return jv.detach().to(x.dtype)
+
+
+def eps_pair_jvp(tp: TextPipeline, grid, i: int, x: torch.Tensor, v: torch.Tensor, cond: torch.Tensor,
+                 uncond: torch.Tensor):
+    """((eps_u, eps_c), (J_u v, J_c v)) at x [B, ...] and step i: both branches and
+    their Jacobians d eps / d x applied to v, by forward-mode AD through one
+    batched two-branch call."""
+    def f(inp):
+        return tp.pair(inp, grid, i, cond, uncond)
+
+    (e_u, e_c), (j_u, j_c) = _jvp(tp.net, f, x.detach(), v.detach().to(x.dtype))
+    return (e_u.detach(), e_c.detach()), (j_u.detach(), j_c.detach())
+
+
+def check_scores(values: torch.Tensor, what: str, prompts: Sequence[str]) -> torch.Tensor:
+    """A FloatingPointError naming the first prompt whose score is NaN or inf."""
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        k = int(torch.nonzero(bad.reshape(bad.shape[0], -1).any(1))[0])
+        raise FloatingPointError(f"{what} is NaN or inf for prompts[{k}] = {prompts[k]!r}: the pipeline's UNet "
+                                 "returned non-finite values (fp16 overflow, or NaN weights?)")
+    return values
