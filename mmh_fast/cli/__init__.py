@@ -68,6 +68,19 @@ def _cmd_scan(args) -> int:
     return 0
 
 
+def _cmd_lid_data(args) -> int:
+    from .lid_data import LidDataConfig, run_lid_data
+
+    cfg = LidDataConfig(data=args.data, out=args.out, k=args.k, rule=args.rule, alpha=args.alpha,
+                        features=args.features, image_size=args.image_size, index=args.index,
+                        recall_sample=args.recall_sample, target_recall=args.target_recall, limit=args.limit,
+                        unit_size=args.unit_size, chunk_rows=args.chunk_rows, image_column=args.image_column,
+                        key_column=args.key_column, device=args.device, seed=args.seed, workers=args.workers,
+                        quiet=args.quiet, progress=args.progress, log_every=args.log_every)
+    run_lid_data(cfg)
+    return 0
+
+
 def _cmd_merge(args) -> int:
     from .writer import merge
 
@@ -177,6 +190,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="import a module or .py file that registers metrics (also $MMH_FAST_PLUGINS); repeatable")
     s.add_argument("--no-merge", action="store_true", help="leave the parts unmerged at the end")
     s.set_defaults(func=_cmd_scan)
+
+    ld = sub.add_parser(
+        "lid-data", help="LID_* (local PCA) of every sample of a source, keyed like scan (resumable)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="LID_* of the data by local PCA (mmh_fast.lpca) for every sample of SOURCE (any source scan\n"
+        "reads), keyed as scan keys it, written to DIR/lid_data.parquet (key, source, lid_data,\n"
+        "n_copies, error). Features: the pixels (scaled to [-1, 1]) or a vector column of a Parquet\n"
+        "source. The exact kNN (default) is quadratic in N: ~10^5 rows on a CPU; beyond, --index\n"
+        "faiss-ivf or faiss-hnsw, whose recall@k against the exact kNN is measured on a sample and\n"
+        "printed. Run the same command again to resume.")
+    ld.add_argument("--data", required=True, metavar="SOURCE", help="a folder, WebDataset shards or a Parquet/CSV table")
+    ld.add_argument("--out", required=True, metavar="DIR", help="output directory (resumed when it exists)")
+    ld.add_argument("--k", type=_positive_int, default=100, help="neighbourhood size (default: %(default)s, the paper's)")
+    ld.add_argument("--rule", default="paper",
+                    help="local PCA rule: paper (App. C.1: duplicates get 0), fo, maxgap, ratio, "
+                         "participation_ratio, kaiser, broken_stick (default: %(default)s)")
+    ld.add_argument("--alpha", type=float, default=0.05, help="alpha of the fo and ratio rules (default: %(default)s)")
+    ld.add_argument("--features", default="pixels", metavar="pixels|COLUMN",
+                    help="pixels, or a vector column of a Parquet source (e.g. CLIP embeddings) (default: pixels)")
+    ld.add_argument("--image-size", type=_positive_int,
+                    help="pixels: resize (shorter side) and centre-crop to this size, as scan does (default: "
+                         "the images' own size, which must then be one size)")
+    ld.add_argument("--index", default="exact", choices=["exact", "faiss-ivf", "faiss-hnsw"],
+                    help="kNN: exact (native, O(N^2 D)) or a faiss index (default: %(default)s)")
+    ld.add_argument("--recall-sample", type=_positive_int, default=1000,
+                    help="faiss: rows on which recall@k is measured against the exact kNN (default: %(default)s)")
+    ld.add_argument("--target-recall", type=float, default=0.99,
+                    help="faiss: widen the search (nprobe/efSearch) until recall@k reaches this (default: %(default)s)")
+    ld.add_argument("--limit", type=_positive_int, help="only the first N samples of SOURCE")
+    ld.add_argument("--unit-size", type=_positive_int, default=4096,
+                    help="samples per decoding unit (resume granule of the first phase) (default: %(default)s)")
+    ld.add_argument("--chunk-rows", type=_positive_int, default=8192,
+                    help="rows per neighbour chunk (resume granule of the kNN) (default: %(default)s)")
+    ld.add_argument("--image-column", help="table sources: the image path/bytes column (default: auto)")
+    ld.add_argument("--key-column", help="table sources: a unique key column (default: key/id, else the row number)")
+    ld.add_argument("--device", help="cpu (default) or cuda[:N]: where the exact kNN and local PCA run")
+    ld.add_argument("--seed", type=int, default=0, help="seeds the paper rule's pair sample and faiss (default: 0)")
+    ld.add_argument("--workers", type=int, help="processes decoding images (default: CPUs - 1, at most 8)")
+    ld.add_argument("--quiet", action="store_true", help="print only errors")
+    ld.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto",
+                    help="progress display (default: a bar on a terminal, log lines otherwise)")
+    ld.add_argument("--log-every", type=float, default=30.0, metavar="SEC", help="seconds between log lines (default: 30)")
+    ld.set_defaults(func=_cmd_lid_data)
 
     m = sub.add_parser("merge", help="merge a scan's Parquet parts into DIR/results.parquet",
                        description="Merge the Parquet parts of a scan (finished or not) into DIR/results.parquet, "

@@ -159,15 +159,18 @@ def _fmt_seconds(s: float) -> str:
 
 
 class _Progress:
-    def __init__(self, total, mode, log_every, prefix=""):
+    """A tqdm bar ("bar"), log lines every ``log_every`` seconds ("log") or nothing."""
+
+    def __init__(self, total, mode, log_every, prefix="", *, what="scan", unit="img"):
         self.total, self.mode, self.log_every, self.prefix = total, mode, log_every, prefix
+        self.what, self.unit = what, unit
         self.n = self.errors = 0
         self.t0 = self.last = time.monotonic()
         self.bar = None
         if mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="img", dynamic_ncols=True, desc=prefix + "scan", file=sys.stderr)
+            self.bar = tqdm(total=total, unit=unit, dynamic_ncols=True, desc=prefix + what, file=sys.stderr)
 
     def update(self, n, errors):
         self.n += n
@@ -179,12 +182,13 @@ class _Progress:
         elif self.mode == "log" and time.monotonic() - self.last >= self.log_every:
             self.last = time.monotonic()
             rate = self.n / max(1e-9, self.last - self.t0)
+            noun = "images" if self.unit == "img" else f"{self.unit}s"
             if self.total:
                 eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-                done = f"{self.n}/{self.total} images ({100 * self.n / self.total:.1f}%), ETA {_fmt_seconds(eta)}"
+                done = f"{self.n}/{self.total} {noun} ({100 * self.n / self.total:.1f}%), ETA {_fmt_seconds(eta)}"
             else:
-                done = f"{self.n} images"
-            print(f"{self.prefix}scan: {done}, {rate:.1f} images/s, {self.errors} errors", file=sys.stderr,
+                done = f"{self.n} {noun}"
+            print(f"{self.prefix}{self.what}: {done}, {rate:.1f} {noun}/s, {self.errors} errors", file=sys.stderr,
                   flush=True)
 
     def close(self):

@@ -293,12 +293,13 @@ class TableSource(Source):
     kind = "table"
 
     def __init__(self, path: str, *, unit_size: int, limit: int | None, image_column=None,
-                 caption_column=None, key_column=None):
+                 caption_column=None, key_column=None, require_image: bool = True):
         super().__init__(path)
         self.path = os.path.abspath(path)
         self.is_parquet = self.path.lower().endswith((".parquet", ".pq"))
-        names = self._column_names()
-        self.image_column = self._pick(names, image_column, _IMAGE_COLUMNS, "image", required=True)
+        names = self.columns = self._column_names()
+        # a table of feature vectors (lid-data --features COLUMN) may have no image column
+        self.image_column = self._pick(names, image_column, _IMAGE_COLUMNS, "image", required=require_image)
         self.caption_column = self._pick(names, caption_column, _CAPTION_COLUMNS, "caption")
         self.key_column = self._pick(names, key_column, _KEY_COLUMNS, "key")
         n = self._num_rows()
@@ -426,9 +427,10 @@ def _counts(items):
 
 # --------------------------------------------------------------------------- opening
 def open_source(spec: str, *, unit_size: int = 1024, limit: int | None = None, image_column=None,
-                caption_column=None, key_column=None) -> Source:
+                caption_column=None, key_column=None, require_image: bool = True) -> Source:
     """The :class:`Source` named by ``spec`` (see the module docstring for the kinds).
 
+    ``require_image=False``: a table source needs no image column (feature tables).
     Raises :class:`UserError` when the source is missing, empty or unreadable."""
     if unit_size < 1:
         raise UserError(f"--unit-size must be at least 1, got {unit_size}")
@@ -458,7 +460,7 @@ def open_source(spec: str, *, unit_size: int = 1024, limit: int | None = None, i
         if not lower.endswith((".parquet", ".pq", ".csv")):
             raise UserError(f"data source {spec!r}: a file source must be .parquet, .csv or .tar")
         src = TableSource(spec, unit_size=unit_size, limit=limit, image_column=image_column,
-                          caption_column=caption_column, key_column=key_column)
+                          caption_column=caption_column, key_column=key_column, require_image=require_image)
     else:
         raise UserError(f"data source {spec!r} does not exist")
     if not src.units or src.num_samples == 0:

@@ -38,7 +38,7 @@ from .errors import UserError
 
 __all__ = ["MANIFEST", "RESULTS", "META_KEY", "ResumeState", "PartWriter", "read_resume_state", "merge",
            "part_files", "table_metadata", "result_schema", "write_table_atomic", "read_manifest",
-           "write_json_atomic"]
+           "write_json_atomic", "settings_diff"]
 
 MANIFEST = "scan.json"
 RESULTS = "results.parquet"
@@ -101,6 +101,22 @@ def write_json_atomic(obj, path: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def settings_diff(old: dict, new: dict, prefix: str = "") -> str:
+    """The entries that differ between two settings dicts, as ``name: was A, now B``
+    joined by "; " (nested dicts by dotted names); "" when they are equal."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = settings_diff(a, b, f"{prefix}{key}.")
+            if sub:
+                out.append(sub)
+        elif a != b:
+            out.append(f"{prefix}{key}: was {json.dumps(a, sort_keys=True, default=str)}, "
+                       f"now {json.dumps(b, sort_keys=True, default=str)}")
+    return "; ".join(out)
 
 
 def read_manifest(out_dir: str) -> dict | None:
