@@ -55,3 +55,6 @@ from .sharpness import (HESSIAN_BRANCHES, SAILResult, generate_sail, hessian_eig
 
 __all__ += ["hessian_score_difference_norm", "hessian_eigenvalues", "optimize_initial_noise", "generate_sail",
             "SAILResult", "HESSIAN_BRANCHES"]
+from .anisotropy import NormAlignment, adapt_prompt_embedding, norm_alignment_score  # noqa: E402
+
+__all__ += ["norm_alignment_score", "NormAlignment", "adapt_prompt_embedding"]
