@@ -62,3 +62,34 @@ def fails_on_3(batch, ctx):
 def always_fails(batch, ctx):
     """Raises on every batch."""
     raise RuntimeError("this metric is broken")
+
+
+@register_metric("lid_table")
+def lid_table(batch, ctx):
+    """LID_theta read from the JSON file $MMH_TEST_LIDS ({key: value}): a model LID the test controls."""
+    import json
+
+    with open(os.environ["MMH_TEST_LIDS"]) as f:
+        table = json.load(f)
+    return [table[k] for k in batch.keys]
+
+
+@register_metric("nan_for_key")
+def nan_for_key(batch, ctx):
+    """mean_px, but NaN for the key $MMH_TEST_BAD_KEY (default img003.png): a metric that returns a
+    non-finite value without raising."""
+    bad = os.environ.get("MMH_TEST_BAD_KEY", "img003.png")
+    v = batch.pixels.double().mean(dim=(1, 2, 3))
+    return torch.where(torch.tensor([k == bad for k in batch.keys]), torch.full_like(v, float("nan")), v)
+
+
+@register_metric("nonfinite_error")
+def nonfinite_error(batch, ctx):
+    """Raises NonFiniteOutputError naming the position of key $MMH_TEST_BAD_KEY in the batch (as the
+    library's estimators do for a NaN network output), else mean_px."""
+    from mmh_fast.models.batching import NonFiniteOutputError
+
+    bad = os.environ.get("MMH_TEST_BAD_KEY", "img003.png")
+    if bad in batch.keys:
+        raise NonFiniteOutputError("the test network's output", [batch.keys.index(bad)])
+    return batch.pixels.double().mean(dim=(1, 2, 3))

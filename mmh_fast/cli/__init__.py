@@ -1,8 +1,9 @@
 """The ``mmh-fast`` command line (also ``python -m mmh_fast``).
 
 Commands: ``scan`` (per-image memorization metrics over a dataset), ``merge``
-(gather a scan's parts into results.parquet), ``report`` (figures and an HTML or
-Markdown page), ``metrics`` (list the metrics), ``demo``.
+(gather a scan's parts into results.parquet), ``lid-data`` (LID_* of the data,
+keyed like the scan), ``classify`` (OD-Mem / DD-Mem from both), ``report``
+(figures and an HTML or Markdown page), ``metrics`` (list the metrics), ``demo``.
 Exit codes: 0 fine, 1 failed (or interrupted), 2 bad arguments or inputs.
 """
 from __future__ import annotations
@@ -78,6 +79,14 @@ def _cmd_lid_data(args) -> int:
                         key_column=args.key_column, device=args.device, seed=args.seed, workers=args.workers,
                         quiet=args.quiet, progress=args.progress, log_every=args.log_every)
     run_lid_data(cfg)
+    return 0
+
+
+def _cmd_classify(args) -> int:
+    from .classify import run_classify
+
+    run_classify(args.scan_dir, args.lid_data, model_metric=args.model_metric, margin=args.margin, low=args.low,
+                 scale=args.scale, out=args.out, quiet=args.quiet)
     return 0
 
 
@@ -233,6 +242,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="progress display (default: a bar on a terminal, log lines otherwise)")
     ld.add_argument("--log-every", type=float, default=30.0, metavar="SEC", help="seconds between log lines (default: 30)")
     ld.set_defaults(func=_cmd_lid_data)
+
+    c = sub.add_parser(
+        "classify", help="OD-Mem / DD-Mem classes from a scan's LID_theta and lid-data's LID_*",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Join a scan's model LID (LID_theta) with lid-data's LID_* by key, put them on one scale and\n"
+        "label each sample with mmh_fast.classify_memorization: od_mem (LID_theta clearly below LID_*),\n"
+        "dd_mem (LID_* low and LID_theta as low), none. Writes classes.parquet (key, source, label,\n"
+        "lid_theta, lid_theta_scaled, lid_data, n_copies, scale, margin, low). Refuses when the two\n"
+        "LIDs' medians are more than 10x apart and no --scale is given.")
+    c.add_argument("scan_dir", metavar="SCAN_DIR", help="a scan's output directory (or its results.parquet)")
+    c.add_argument("--lid-data", required=True, metavar="DIR", help="a lid-data output directory (or lid_data.parquet)")
+    c.add_argument("--model-metric", help="the scan's LID_theta column (default: flipd, else nb, else flipd_cond)")
+    c.add_argument("--margin", help="how far from LID_* counts (LID_* units): a number, or 'mad' (three robust "
+                                    "standard deviations of LID_theta - LID_*) (default: half the IQR of LID_*)")
+    c.add_argument("--low", type=float, help="LID_* at or below this is low (default: a quarter of its median)")
+    c.add_argument("--scale", default="none", metavar="none|median_ratio|FACTOR",
+                   help="LID_theta onto the LID_* scale: none, median_ratio (x median LID_* / median "
+                        "LID_theta) or a factor (default: none)")
+    c.add_argument("--out", metavar="FILE", help="output file or directory (default: SCAN_DIR/classes.parquet)")
+    c.add_argument("--quiet", action="store_true", help="print nothing on success")
+    c.set_defaults(func=_cmd_classify)
 
     m = sub.add_parser("merge", help="merge a scan's Parquet parts into DIR/results.parquet",
                        description="Merge the Parquet parts of a scan (finished or not) into DIR/results.parquet, "
