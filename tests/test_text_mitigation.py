@@ -221,7 +221,9 @@ def test_generate_is_the_pipelines_sampler():
 
 
 def test_evaluate_mitigation_table():
-    pipe = tiny_sd()
+    # float64: the `alone` run below samples in other batch compositions, and float32 convolutions
+    # differ by ~1e-6 relative between batch sizes (measured: 1.6e-6 on these rows)
+    pipe = tiny_sd(dtype=torch.float64)
     prompts = ["a red car", "a dog"]
     new = [["a car", "red car"], "a cat"]
 

@@ -8,12 +8,14 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..models.batching import NonFiniteOutputError, check_finite, default_batch_size, run_chunked
 from ..models.denoiser import Denoiser, model_device, model_dtype
 from ..models.pipelines import encode_prompts, is_pipeline
 from ..models.sampling import DDIMGrid, ddim_grid, ddim_trajectory, sample_noise
 from ..models.schedules import DiscreteSchedule, make_schedule
 
-__all__ = ["TextPipeline", "text_pipeline", "as_prompts", "check_guidance", "check_int", "check_float"]
+__all__ = ["TextPipeline", "text_pipeline", "as_prompts", "check_guidance", "check_int", "check_float",
+           "check_batch_size", "check_rows", "Chunks"]
 
 
 def check_int(v, name: str, lo: int) -> int:
@@ -35,6 +37,44 @@ def check_float(v, name: str, *, positive: bool = False) -> float:
     if not math.isfinite(val) or (positive and not val > 0):
         raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {v!r}")
     return val
+
+
+def check_batch_size(v) -> int | None:
+    """None (sized from the model) or an integer >= 1."""
+    return None if v is None else check_int(v, "batch_size", 1)
+
+
+def check_rows(t: torch.Tensor, what: str, positions) -> None:
+    """Raise NonFiniteOutputError if a row of ``t`` (dim 0) is not finite,
+    reporting ``positions[row]`` (the prompt or image the row belongs to in the
+    caller's input); no cost beyond one reduction when all is finite."""
+    try:
+        check_finite(t, what=what)
+    except NonFiniteOutputError as e:
+        pos = positions.tolist() if isinstance(positions, torch.Tensor) else list(positions)
+        raise NonFiniteOutputError(what, sorted({int(pos[r]) for r in e.positions})) from None
+
+
+class Chunks:
+    """:func:`~mmh_fast.models.batching.run_chunked` over repeated calls (one per
+    DDIM step) that remembers a size an out-of-memory error halved it to, so
+    the next steps start from the size that fitted instead of failing again."""
+
+    def __init__(self, size: int, what: str):
+        self.size, self.what = int(size), what
+
+    def __call__(self, fn: Callable[[int, int], object], n: int) -> list:
+        ran = []
+
+        def sized(a, b):
+            out = fn(a, b)
+            ran.append(b - a)
+            return out
+
+        out = run_chunked(sized, n, batch_size=self.size, what=self.what)
+        if ran and max(ran) < min(self.size, n):  # halved: keep the size that ran
+            self.size = max(ran)
+        return out
 
 
 def check_guidance(g) -> float:
@@ -113,6 +153,15 @@ class TextPipeline:
         blocks = _cfg(self.net, "block_out_channels")
         return 2 ** (len(blocks) - 1) if blocks else 1
 
+    def batch_size(self, *, passes: int = 2, backward: bool = False, graphs: int = 1) -> int:
+        """Default (prompt, image) rows per UNet call: :func:`default_batch_size`
+        of the UNet on one latent (``passes`` = 2 for the two CFG branches of one
+        row; ``backward`` when a graph is kept), divided by ``graphs``, the
+        number of graphs of that size alive at once (2 for a Hutchinson VJP taken
+        with create_graph beside the forward graph it differentiates)."""
+        bs = default_batch_size(self.net, self.latent_shape(), passes=passes, backward=backward, device=self.device)
+        return max(1, bs // max(1, int(graphs)))
+
     def embed(self, prompts: Sequence[str], *, batch_size: int | None = None) -> torch.Tensor:
         """Text-encoder output hidden states [N, L, D] in the UNet's dtype
         (over-long prompts truncated with a warning)."""
@@ -156,17 +205,37 @@ class TextPipeline:
                                       cond={"encoder_hidden_states": cond},
                                       uncond={"encoder_hidden_states": uncond})
 
+    def guided_pair(self, x: torch.Tensor, grid: DDIMGrid, i: int, cond: torch.Tensor, uncond: torch.Tensor,
+                    guidance_scale: float, positions):
+        """(eps_u, eps_c, eps_u + lambda (eps_c - eps_u)) at step i, each checked
+        finite: a NaN / inf row raises NonFiniteOutputError naming the output, the
+        step and ``positions[row]`` (the caller's prompt or image index of each row)."""
+        e_u, e_c = self.pair(x, grid, i, cond, uncond)
+        at = step_name(grid, i)
+        check_rows(e_u, f"the UNet's unconditional noise prediction {at}", positions)
+        check_rows(e_c, f"the UNet's conditional noise prediction {at}", positions)
+        eps = e_u + guidance_scale * (e_c - e_u)
+        check_rows(eps, f"the guided noise prediction eps_u + lambda (eps_c - eps_u) {at}", positions)
+        return e_u, e_c, eps
+
     def sample(self, x: torch.Tensor, grid: DDIMGrid, cond: torch.Tensor, uncond: torch.Tensor,
                guidance_scale: float, *, start: int = 0, stop: int | None = None,
-               eps_fn: Callable | None = None, callback: Callable | None = None) -> torch.Tensor:
+               eps_fn: Callable | None = None, callback: Callable | None = None, positions=None) -> torch.Tensor:
         """CFG DDIM steps [start, stop) (eps_u + lambda (eps_c - eps_u); see
-        :func:`mmh_fast.models.sampling.ddim_trajectory`)."""
+        :func:`mmh_fast.models.sampling.ddim_trajectory`); without ``eps_fn`` every
+        step's outputs are checked finite (``positions``: the caller's index of each
+        row, default the row itself)."""
         if eps_fn is None:
+            pos = range(x.shape[0]) if positions is None else positions
+
             def eps_fn(i, xi):
                 with torch.no_grad():
-                    e_u, e_c = self.pair(xi, grid, i, cond, uncond)
-                return e_u + guidance_scale * (e_c - e_u)
+                    return self.guided_pair(xi, grid, i, cond, uncond, guidance_scale, pos)[2]
         return ddim_trajectory(self.denoiser, x, grid, start=start, stop=stop, eps_fn=eps_fn, callback=callback)
+
+
+def step_name(grid: DDIMGrid, i: int) -> str:
+    return f"at DDIM step {i} (t={grid.times[i]:.3g}; positions are prompt indices)"
 
 
 def text_pipeline(pipe, name: str = "pipe") -> TextPipeline:

@@ -9,8 +9,8 @@ from typing import Callable
 import torch
 
 from ..models.pipelines import tokenize_prompts
-from ._core import TextPipeline, text_pipeline
-from .metrics import plan, run_metric
+from ._core import TextPipeline, check_batch_size, text_pipeline
+from .metrics import check_callback, plan, run_metric
 
 __all__ = ["token_attributions", "prompt_tokens", "PromptTokens"]
 
@@ -72,23 +72,21 @@ def prompt_tokens(pipe, prompt: str, *, warn: bool = True) -> PromptTokens:
     return PromptTokens(prompt, positions, raw, [_readable(tok, t) for t in raw], spans)
 
 
-def _attribute(tp: TextPipeline, prompt: str, p, grid, callback) -> tuple[list[str], list[str], torch.Tensor]:
+def _attribute(tp: TextPipeline, prompt: str, p, grid, callback, batch_size) -> tuple[list[str], list[str],
+                                                                                   torch.Tensor]:
     pt = prompt_tokens(tp.pipe, prompt, warn=False)  # tp.embed below warns about truncation
     positions, raw, readable = pt.positions, pt.raw, pt.text
     if not positions:
         raise ValueError(f"prompt {prompt!r} has no tokens to attribute")
     base = tp.embed([prompt]).detach()
-    # the leaf in float32 (float64 for float64 pipelines) whatever the UNet's dtype, so fp16
-    # gradients are read in float32
-    leaf = base.to(tp.work_dtype).requires_grad_(True)
     acc = torch.zeros(base.shape[1], dtype=torch.float64)
 
-    def on_step(i, t, value):
-        (g,) = torch.autograd.grad(value.sum(), leaf)
+    def on_step(i, t, value, g):
+        # g: the step's gradient in float32 (float64 for float64 pipelines) whatever the UNet's
+        # dtype, so fp16 gradients are read in float32
         acc.add_(g[0].to(torch.float64).norm(dim=-1).cpu())
 
-    with torch.enable_grad():
-        run_metric(tp, leaf, p, grid, on_step=on_step, callback=callback, differentiable=True)
+    run_metric(tp, base, p, grid, on_step=on_step, callback=callback, grad=True, batch_size=batch_size)
     scores = acc[positions] / len(p.steps)
     return raw, readable, scores
 
@@ -96,7 +94,7 @@ def _attribute(tp: TextPipeline, prompt: str, p, grid, callback) -> tuple[list[s
 def token_attributions(pipe, prompt: str, *, metric: str = "flipd", num_images: int = 4, t_range=None,
                        seed: int = 0, num_inference_steps: int = 50, guidance_scale: float = 7.5,
                        n_probes: int = 1, max_timesteps: int | None = None,
-                       callback: Callable | None = None) -> list[tuple[str, float]]:
+                       callback: Callable | None = None, batch_size: int | None = None) -> list[tuple[str, float]]:
     """Per-token attributions of a memorization metric.
 
     For each evaluated DDIM step i (grid steps with t in t_range, see
@@ -116,7 +114,7 @@ def token_attributions(pipe, prompt: str, *, metric: str = "flipd", num_images: 
             the kept tokens are attributed).
         metric: "flipd" (A^FLIPD, default), "cfg" (A^CFG) or "score" (A^{s CFG}).
         num_images, t_range, seed, num_inference_steps, guidance_scale, n_probes,
-        max_timesteps, callback: as :func:`mmh_fast.text.memorization_score`.
+        max_timesteps, callback, batch_size: as :func:`mmh_fast.text.memorization_score`.
 
     Returns:
         [(token, score)] in prompt order: readable token strings (CLIP's "</w>"
@@ -126,7 +124,13 @@ def token_attributions(pipe, prompt: str, *, metric: str = "flipd", num_images: 
 
     Cost: the CFG DDIM trajectory up to the last evaluated step (one two-branch
     UNet call per step) plus, per evaluated step, one backward pass ("cfg",
-    "score") or n_probes VJPs with create_graph and one double backward ("flipd").
+    "score") or n_probes VJPs with create_graph and as many double backwards
+    ("flipd"). Memory: one evaluated step's graph and one probe's
+    double-backward graph at a time, whatever the number of steps and probes.
+
+    Raises:
+        NonFiniteOutputError: a UNet output, metric term or gradient is NaN or
+            inf (``.positions`` == [0], the prompt).
     """
     tp = text_pipeline(pipe)
     if not isinstance(prompt, str):
@@ -134,7 +138,8 @@ def token_attributions(pipe, prompt: str, *, metric: str = "flipd", num_images: 
     p, grid = plan(tp, metric, num_images=num_images, t_range=t_range, seed=seed,
                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, n_probes=n_probes,
                    max_timesteps=max_timesteps)
-    _, readable, scores = _attribute(tp, prompt, p, grid, callback)
+    check_callback(callback)
+    _, readable, scores = _attribute(tp, prompt, p, grid, callback, check_batch_size(batch_size))
     if not bool(torch.isfinite(scores).all()):
         raise FloatingPointError("token attributions are not finite (fp16 overflow in the UNet?)")
     total = float(scores.sum())

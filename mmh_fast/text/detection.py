@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from ..models.pipelines import encode_images
+from ..models.batching import default_batch_size, run_chunked
+from ..models.denoiser import model_device
+from ..models.pipelines import encode_images, is_latent_pipeline
 from ..models.schedules import check_t
-from ._core import as_prompts, check_guidance, check_int, text_pipeline
+from ._core import as_prompts, check_batch_size, check_guidance, check_int, check_rows, text_pipeline
 
 __all__ = ["cfg_norm", "cfg_norm_train"]
 
@@ -59,11 +61,19 @@ def cfg_norm(pipe, prompts, *, num_images: int = 4, steps=(0, 1), num_inference_
         seed: image n of EVERY prompt starts from the latent keyed by (seed, n), so
             a prompt's score depends on nothing but (prompt, seed, settings): not
             on the batch, the order or the other prompts.
-        batch_size: (prompt, image) rows per two-branch UNet call (default: all).
+        batch_size: (prompt, image) rows per two-branch UNet call; default: sized
+            from the UNet and the latent size (:meth:`TextPipeline.batch_size`, i.e.
+            :func:`mmh_fast.models.batching.default_batch_size` with 2 passes). On an
+            out-of-memory error the chunk is halved and retried (with a warning);
+            chunking does not change the result.
 
     Returns:
         float32 tensor [N] (float64 for a float64 pipeline) on the CPU (eps units,
         per-coordinate scale ~1).
+
+    Raises:
+        NonFiniteOutputError: a UNet output (or the guided eps, or the score) is NaN
+            or inf; ``.positions`` are the affected prompts' indices.
     """
     tp = text_pipeline(pipe)
     prompts = as_prompts(prompts)
@@ -72,23 +82,30 @@ def cfg_norm(pipe, prompts, *, num_images: int = 4, steps=(0, 1), num_inference_
     seed = _check_seed(seed)
     grid = tp.grid(num_inference_steps)
     s0, s1 = _check_steps(steps, len(grid))
+    bs = check_batch_size(batch_size) or tp.batch_size(passes=2)
     emb = tp.embed(prompts + [""])
     cond_all, uncond = emb[:-1], emb[-1:]
     N = len(prompts)
-    rows = N * num_images
-    bs = rows if batch_size is None else check_int(batch_size, "batch_size", 1)
-    total = torch.zeros(rows, dtype=torch.float64)
-    for r0 in range(0, rows, bs):
-        r = torch.arange(r0, min(rows, r0 + bs))
+
+    def chunk(a, b):
+        r = torch.arange(a, b)
+        prompt_of = r // num_images
         x = tp.initial_latents((r % num_images).tolist(), seed)
-        cond = cond_all.index_select(0, (r // num_images).to(cond_all.device))
+        cond = cond_all.index_select(0, prompt_of.to(cond_all.device))
+        total = torch.zeros(b - a, dtype=torch.float64)
         for i in range(s1):
-            e_u, e_c = tp.pair(x, grid, i, cond, uncond)
+            e_u, e_c, eps = tp.guided_pair(x, grid, i, cond, uncond, guidance_scale, prompt_of)
             if i >= s0:
-                total[r] += (e_c - e_u).reshape(len(r), -1).to(torch.float64).norm(dim=1).cpu()
+                total += (e_c - e_u).reshape(b - a, -1).to(torch.float64).norm(dim=1).cpu()
             if i + 1 < s1:  # the last step needed: no update
-                x = grid.step(i, x, e_u + guidance_scale * (e_c - e_u))
-    return (total.reshape(N, num_images).sum(1) / (num_images * (s1 - s0))).to(tp.work_dtype)
+                x = grid.step(i, x, eps)
+        return total
+
+    # rows are independent (latents keyed by (seed, image)), so chunks only change the peak memory
+    total = torch.cat(run_chunked(chunk, N * num_images, batch_size=bs, what="cfg_norm"))
+    out = (total.reshape(N, num_images).sum(1) / (num_images * (s1 - s0))).to(tp.work_dtype)
+    check_rows(out, f"cfg_norm's score in {tp.work_dtype} (beyond its range)", range(N))
+    return out
 
 
 def _check_images(images, B_name: str = "images") -> torch.Tensor:
@@ -130,11 +147,18 @@ def cfg_norm_train(pipe, images, captions, *, t0: float = 0.01, n_euler: int = 3
         captions: a string (shared) or B strings ("" gives a score of 0).
         t0: continuous time in (0, 1] (t0 * num_train_timesteps is the UNet timestep).
         n_euler: Euler steps >= 1.
-        batch_size: images per VAE / UNet call (default: all).
+        batch_size: images per VAE / UNet call; default: the VAE's and the UNet's
+            own estimates (:func:`mmh_fast.models.batching.default_batch_size`).
+            Halved and retried on out-of-memory errors; chunking does not change
+            the result.
 
     Returns:
         float32 tensor [B] (float64 for a float64 pipeline) on the CPU, in score units (1 / latent units): the eps
         difference divided by sigma(t0). High values flag memorized images.
+
+    Raises:
+        NonFiniteOutputError: a VAE latent or UNet output is NaN or inf;
+            ``.positions`` are the affected images' indices.
     """
     tp = text_pipeline(pipe)
     t0 = check_t(t0, "t0")
@@ -146,9 +170,8 @@ def cfg_norm_train(pipe, images, captions, *, t0: float = 0.01, n_euler: int = 3
         caps = caps * B
     if len(caps) != B:
         raise ValueError(f"captions has {len(caps)} entries but images has {B}; give one caption per image")
-    bs = B if batch_size is None else check_int(batch_size, "batch_size", 1)
-    z = encode_images(tp.pipe, images.to(torch.float64 if tp.work_dtype == torch.float64 else torch.float32),
-                      batch_size=bs)
+    bs = check_batch_size(batch_size)
+    z = _encode(tp.pipe, images.to(torch.float64 if tp.work_dtype == torch.float64 else torch.float32), bs)
     C, f = tp.latent_shape()[0], tp.down_factor()
     if z.shape[1] != C or z.shape[-1] % f or z.shape[-2] % f:
         raise ValueError(f"images of size {tuple(images.shape[-2:])} give latents {tuple(z.shape[1:])}; the UNet "
@@ -161,22 +184,42 @@ def cfg_norm_train(pipe, images, captions, *, t0: float = 0.01, n_euler: int = 3
     den = tp.denoiser
     times = [k * t0 / n_euler for k in range(n_euler + 1)]
     coef = [(1.0, 0.0)] + [tuple(float(v) for v in den.schedule.psi_sigma(t)) for t in times[1:]]
-    out = torch.empty(B, dtype=torch.float64)
-    for b0 in range(0, B, bs):
-        sl = slice(b0, min(B, b0 + bs))
-        x = z[sl].to(tp.device, tp.work_dtype)
-        kw = {"encoder_hidden_states": emb.index_select(0, cidx[sl])}
+    psi, sigma, ts0 = den.coefficients(t0, z.device)
+
+    def chunk(a, b):
+        x = z[a:b].to(tp.device, tp.work_dtype)
+        pos = range(a, b)
+        kw = {"encoder_hidden_states": emb.index_select(0, cidx[a:b])}
         for k in range(n_euler):
             (psi_a, sig_a), (psi_b, sig_b) = coef[k], coef[k + 1]
             # the network's own (psi, sigma) at t_k convert its prediction type to eps
             psi_n, sig_n, ts = den.coefficients(times[k], x.device)
             eps = den.eps_at(x, psi_n, sig_n, ts, cond=kw)
+            check_rows(eps, f"the UNet's conditional noise prediction at Euler step {k} (t={times[k]:.3g}; "
+                       "positions are image indices)", pos)
             x0_hat = (x - sig_a * eps) / psi_a
             x = psi_b * x0_hat + sig_b * eps
-        psi, sigma, ts = den.coefficients(t0, x.device)
-        e_u, e_c = den.eps_pair(x, psi, sigma, ts, cond=kw, uncond={"encoder_hidden_states": uncond})
-        out[sl] = ((e_c - e_u).reshape(x.shape[0], -1).to(torch.float64).norm(dim=1) / sigma).cpu()
-    if not bool(torch.isfinite(out).all()):  # pragma: no cover - a diverging network
-        raise FloatingPointError("cfg_norm_train produced non-finite values (fp16 overflow in the UNet?)")
-    return out.to(tp.work_dtype)
+        e_u, e_c = den.eps_pair(x, psi, sigma, ts0, cond=kw, uncond={"encoder_hidden_states": uncond})
+        for name, e in (("unconditional", e_u), ("conditional", e_c)):
+            check_rows(e, f"the UNet's {name} noise prediction at t0={t0:.3g} (positions are image indices)", pos)
+        return ((e_c - e_u).reshape(x.shape[0], -1).to(torch.float64).norm(dim=1) / sigma).cpu()
+
+    out = torch.cat(run_chunked(chunk, B, batch_size=bs or tp.batch_size(passes=2), what="cfg_norm_train"))
+    out = out.to(tp.work_dtype)
+    check_rows(out, f"cfg_norm_train's score in {tp.work_dtype} (beyond its range)", range(B))
+    return out
+
+
+def _encode(pipe, images: torch.Tensor, batch_size: int | None) -> torch.Tensor:
+    """VAE latents of images in chunks (halved on OOM), checked finite. The
+    default chunk is the VAE's own estimate on one image (its activations are at
+    image resolution)."""
+    if batch_size is None:
+        vae = pipe.vae if is_latent_pipeline(pipe) else None
+        batch_size = images.shape[0] if vae is None else \
+            default_batch_size(vae, tuple(images.shape[1:]), device=model_device(vae))
+    z = torch.cat(run_chunked(lambda a, b: encode_images(pipe, images[a:b]), images.shape[0],
+                              batch_size=batch_size, what="cfg_norm_train (VAE encoder)"))
+    check_rows(z, "the VAE encoder's latent (positions are image indices)", range(images.shape[0]))
+    return z
 

@@ -27,8 +27,10 @@ import torch
 
 from .._hashing import sample_seed
 from ..retrieval import load_torchscript_embedder
-from ..models.pipelines import decode_latents
-from ._core import as_prompts, check_float, check_guidance, check_int, text_pipeline
+from ..models.batching import default_batch_size, run_chunked
+from ..models.denoiser import model_device
+from ..models.pipelines import decode_latents, is_latent_pipeline
+from ._core import as_prompts, check_batch_size, check_float, check_guidance, check_int, check_rows, text_pipeline
 from .attribution import PromptTokens, prompt_tokens, token_attributions
 from .metrics import check_metric, plan, run_metric
 
@@ -260,7 +262,7 @@ def optimize_prompt_embedding(pipe, prompt, *, metric: str = "cfg", lr: float = 
                               target: float | None = None, num_images: int = 1, t_range=None, seed: int = 0,
                               num_inference_steps: int = 50, guidance_scale: float = 7.5, n_probes: int = 1,
                               max_timesteps: int | None = None, weight_decay: float = 0.01,
-                              return_history: bool = False):
+                              return_history: bool = False, batch_size: int | None = None):
     """Optimise the conditional prompt embedding against memorization.
 
     AdamW on the text-encoder output hidden states of ``prompt`` with the BOS
@@ -270,7 +272,8 @@ def optimize_prompt_embedding(pipe, prompt, *, metric: str = "cfg", lr: float = 
     :func:`mmh_fast.text.memorization_score` on fixed latents and probes (same
     seed every iteration); its gradient is accumulated step by step, so memory
     stays at one evaluated step. Stops early once the metric reaches ``target``
-    (<= for "cfg"/"score", >= for "flipd").
+    (<= for "cfg"/"score", >= for "flipd"). A NaN / inf UNet output, metric
+    term or gradient raises NonFiniteOutputError.
 
     Args:
         prompt: a prompt, or its hidden states [L, D] / [1, L, D].
@@ -279,7 +282,7 @@ def optimize_prompt_embedding(pipe, prompt, *, metric: str = "cfg", lr: float = 
         iters: at most this many optimiser steps (>= 0).
         target: early-stop value of the metric, or None.
         num_images, t_range, seed, num_inference_steps, guidance_scale, n_probes,
-        max_timesteps: as :func:`memorization_score` (one image by default).
+        max_timesteps, batch_size: as :func:`memorization_score` (one image by default).
         return_history: also return the metric before each step and at the end.
 
     Returns:
@@ -292,7 +295,11 @@ def optimize_prompt_embedding(pipe, prompt, *, metric: str = "cfg", lr: float = 
     iters = check_int(iters, "iters", 0)
     lr = check_float(lr, "lr", positive=True)
     if target is not None:
-        target = float(target)
+        target = check_float(target, "target")
+    weight_decay = check_float(weight_decay, "weight_decay")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    batch_size = check_batch_size(batch_size)
     p, grid = plan(tp, metric, num_images=num_images, t_range=t_range, seed=seed,
                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, n_probes=n_probes,
                    max_timesteps=max_timesteps)
@@ -302,27 +309,27 @@ def optimize_prompt_embedding(pipe, prompt, *, metric: str = "cfg", lr: float = 
     base = base.detach().to(tp.work_dtype)  # optimised in float32 (float64 for a float64 pipeline)
     bos = base[:, :1]
     rest = base[:, 1:].clone().requires_grad_(True)
-    opt = torch.optim.AdamW([rest], lr=lr, weight_decay=float(weight_decay))
+    opt = torch.optim.AdamW([rest], lr=lr, weight_decay=weight_decay)
     sign = -1.0 if metric == "flipd" else 1.0
     history: list[float] = []
     for it in range(iters + 1):
         last = it == iters
-        opt.zero_grad(set_to_none=True)
-        vals = []
+        vals, grads = [], []
 
-        def on_step(i, t, value, _last=last):
-            vals.append(float(value.detach().sum()))
-            if not _last:
-                (sign * value.sum() / len(p.steps)).backward()
+        def on_step(i, t, value, g):
+            vals.append(float(value.sum()))
+            if g is not None:  # the step's gradient, summed as it comes (no graph kept)
+                grads[:] = [g if not grads else grads[0] + g]
 
-        full = torch.cat([bos, rest], 1)
-        with torch.set_grad_enabled(not last):
-            run_metric(tp, full if not last else full.detach(), p, grid, on_step=on_step, differentiable=not last)
+        run_metric(tp, torch.cat([bos, rest.detach()], 1), p, grid, on_step=on_step, grad=not last,
+                   batch_size=batch_size)
         a = float(np.mean(vals))
         history.append(a)
         done = target is not None and (a >= target if metric == "flipd" else a <= target)
         if done or last:
             break
+        opt.zero_grad(set_to_none=True)
+        rest.grad = (sign * grads[0][:, 1:] / len(p.steps)).to(rest.dtype)  # BOS stays frozen
         opt.step()
     emb = torch.cat([bos, rest.detach()], 1).to(tp.dtype)
     return (emb, history) if return_history else emb
@@ -340,9 +347,16 @@ def generate(pipe, prompts, *, num_images: int = 1, seed: int = 0, num_inference
         prompts: a prompt, a list of N prompts, or hidden states [L, D] / [N, L, D].
         output: "images" (decoded by the VAE, float32 in [-1, 1] [N * num_images, 3, H, W])
             or "latents" ([N * num_images, C, h, w]).
+        batch_size: (prompt, image) rows per UNet / VAE decoder call; default:
+            sized from each network (:func:`mmh_fast.models.batching.default_batch_size`),
+            halved and retried on out-of-memory errors. Rows do not depend on it.
 
     Returns:
         rows in prompt-major order: row = prompt_index * num_images + n.
+
+    Raises:
+        NonFiniteOutputError: a UNet output or decoded image is NaN or inf
+            (``.positions``: prompt indices).
     """
     tp = text_pipeline(pipe)
     if output not in ("images", "latents"):
@@ -354,15 +368,28 @@ def generate(pipe, prompts, *, num_images: int = 1, seed: int = 0, num_inference
     cond, _ = tp.as_embeddings(prompts, "prompts")
     uncond = tp.uncond()
     R = cond.shape[0] * num_images
-    bs = R if batch_size is None else check_int(batch_size, "batch_size", 1)
-    outs = []
-    for r0 in range(0, R, bs):
-        r = torch.arange(r0, min(R, r0 + bs))
+    bs = check_batch_size(batch_size)
+
+    def chunk(a, b):
+        r = torch.arange(a, b)
         x = tp.initial_latents((r % num_images).tolist(), seed)
         c = cond.index_select(0, (r // num_images).to(cond.device))
-        x = tp.sample(x, grid, c, uncond, lam)
-        outs.append(decode_latents(tp.pipe, x) if output == "images" else x.float())
-    return torch.cat(outs)
+        return tp.sample(x, grid, c, uncond, lam, positions=r // num_images)
+
+    # rows are independent (latents keyed by (seed, image)): chunks change only the peak memory
+    x = torch.cat(run_chunked(chunk, R, batch_size=bs or tp.batch_size(passes=2), what="generate"))
+    if output == "latents":
+        return x.float()
+    vae = tp.pipe.vae if is_latent_pipeline(tp.pipe) else None
+    if bs is None:  # the decoder's activations are at image resolution: sized on one image
+        f = 2 ** (len(getattr(vae.config, "block_out_channels", (0,))) - 1) if vae is not None else 1
+        c_img = getattr(getattr(vae, "config", None), "out_channels", None) or 3
+        bs = x.shape[0] if vae is None else default_batch_size(
+            vae, (c_img, x.shape[-2] * f, x.shape[-1] * f), device=model_device(vae))
+    images = torch.cat(run_chunked(lambda a, b: decode_latents(tp.pipe, x[a:b]), R, batch_size=bs,
+                                   what="generate (VAE decoder)"))
+    check_rows(images, "the VAE decoder's image (positions are prompt indices)", (torch.arange(R) // num_images))
+    return images
 
 
 def _scores(fn, name: str, *args) -> list[float]:
