@@ -288,3 +288,112 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(mmh_fast.mle_lid(xt.cuda()).cpu(), mmh_fast.mle_lid(xt), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mmh_fast.twonn_lid(xt.cuda(), k=30).cpu(), mmh_fast.twonn_lid(xt, k=30),
                                rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+# --- issue 13 items 8 and 9: copies, empty input, positional k, the raw digits ---------------
+
+def _copies_of_one_image(seed=0):
+    """200 Gaussian points in R^5, 25 copies of a far-away image q, and one
+    point p at distance 0.1 from q: p's 20 nearest neighbours are all copies
+    of q (R_1 = ... = R_20 = 0.1), each copy's are all at distance 0."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(200, 5))
+    q = x[0] + 50.0
+    p = q.copy()
+    p[0] += 0.1
+    return np.concatenate([x, np.repeat(q[None], 25, 0), p[None]])
+
+
+def test_mle_neighbours_all_copies_of_one_image_is_nan_with_a_warning():
+    x = _copies_of_one_image()
+    with pytest.warns(UserWarning, match=r"26 of 226 points .*\(25 at distance 0, 1 at a positive distance\)"):
+        lid = mmh_fast.mle_lid(x, k=20)
+    # m = (k - 1) / sum log(R_k / R_j) is 19 / 0 at p (scikit-dimension returns
+    # inf there) and 0 / 0 at the copies: undefined, so NaN for both
+    assert np.isnan(lid[200:]).all()
+    assert np.isfinite(lid[:200]).all()
+    theirs = skdim.id.MLE().fit(x, n_neighbors=20).dimension_pw_
+    assert np.isinf(theirs[225]) and np.isnan(theirs[200:225]).all()  # the documented difference
+    np.testing.assert_allclose(lid[:200], theirs[:200], rtol=1e-9)
+
+
+def test_twonn_undefined_neighbourhoods_warn():
+    x = _copies_of_one_image()
+    with pytest.warns(UserWarning, match="twonn_lid: 26 of 226 points"):
+        lid = mmh_fast.twonn_lid(x, k=20)
+    # every ratio in those neighbourhoods has r1 = 0 (copies of q): none kept
+    assert np.isnan(lid[200:]).all() and np.isfinite(lid[:200]).all()
+
+
+@pytest.mark.parametrize("fn", [mmh_fast.lpca, mmh_fast.mle_lid, mmh_fast.twonn_lid])
+def test_empty_data_and_positional_k(fn):
+    with pytest.raises(ValueError, match=r"data is empty \(shape \(0, 10\)"):
+        fn(np.zeros((0, 10)), k=5)
+    with pytest.raises(ValueError, match="queries is empty"):
+        fn(_small(60), np.zeros((0, 6)), k=5)
+    name = fn.__name__
+    with pytest.raises(TypeError, match=rf"second positional argument is queries .* call {name}\(data, k=20\)"):
+        fn(_small(60), 20)
+    # the keyword form is unchanged
+    assert fn(_small(60), k=20).shape == (60,)
+
+
+@pytest.fixture(scope="module")
+def raw_digits():
+    """scikit-learn's digits as they ship: integer pixels 0..16, several
+    pixels constant over the whole set and many more in a neighbourhood, and
+    many tied distances."""
+    from sklearn.datasets import load_digits
+
+    return load_digits().data.astype(np.float64)
+
+
+def test_digits_every_rule_and_twonn_equal_skdim_on_the_same_neighbourhoods(raw_digits):
+    """Given our neighbour lists (precomputed_knn), scikit-dimension computes
+    the same number on every point of the raw digits, for every rule and
+    TwoNN (before the fix maxgap agreed on 0%: median 55 against 48)."""
+    from sklearn.decomposition import PCA
+
+    x, k = raw_digits, 100  # skdim's fit_pw default
+    _, nb = ops.knn(x, k=k, exclude_self=True)
+    np.testing.assert_array_equal(mmh_fast.lpca(x, k=k, rule="maxgap"),
+                                  skdim.id.lPCA(ver="maxgap").fit_pw(x, precomputed_knn=nb).dimension_pw_)
+    # the other rules from the spectra fit_pw computes (PCA per neighbourhood), once
+    spectra = [PCA().fit(x[i]).explained_variance_ for i in nb]
+    for rule, ver in RULES.items():
+        if ver is None:
+            continue
+        ours = mmh_fast.lpca(x, k=k, rule=rule)
+        theirs = np.array([skdim.id.lPCA(ver=ver, fit_explained_variance=True).fit(ev).dimension_
+                           for ev in spectra])
+        if rule == "participation_ratio":
+            np.testing.assert_allclose(ours, theirs, rtol=1e-9, err_msg=rule)
+        else:
+            np.testing.assert_array_equal(ours, theirs, err_msg=rule)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skdim warns about the dropped duplicates it meets
+        theirs = skdim.id.TwoNN().fit_pw(x, precomputed_knn=nb).dimension_pw_
+    np.testing.assert_allclose(mmh_fast.twonn_lid(x, k=k), theirs, rtol=1e-9)
+    # MLE depends on the sorted distances only, so skdim's own kNN gives the same
+    np.testing.assert_allclose(mmh_fast.mle_lid(x, k=20), skdim.id.MLE().fit(x, n_neighbors=20).dimension_pw_,
+                               rtol=1e-9)
+
+
+def test_digits_equal_skdim_fit_pw_wherever_the_neighbourhood_is_unambiguous(raw_digits):
+    """With skdim's own kNN (scikit-learn's), the numbers agree on every point
+    whose k-th and (k+1)-th neighbour distances differ. Where they tie, which
+    of the equidistant points is the k-th neighbour is arbitrary: scikit-learn
+    returns different sets for algorithm='brute' / 'kd_tree' / 'ball_tree'
+    there (we take the lowest index)."""
+    x, k = raw_digits, 100
+    d, _ = ops.knn(x, k=k + 1, exclude_self=True)
+    clear = d[:, k] > d[:, k - 1]
+    # measured: 10.3% of the digits have such a tie at k = 100
+    assert 0.05 < 1 - clear.mean() < 0.15
+    ours = mmh_fast.lpca(x, k=k, rule="maxgap")
+    theirs = skdim.id.lPCA(ver="maxgap").fit_pw(x, n_neighbors=k).dimension_pw_
+    np.testing.assert_array_equal(ours[clear], theirs[clear])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = skdim.id.TwoNN().fit_pw(x, n_neighbors=k).dimension_pw_
+    np.testing.assert_allclose(mmh_fast.twonn_lid(x, k=k)[clear], theirs[clear], rtol=1e-9)

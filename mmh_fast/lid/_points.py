@@ -4,6 +4,7 @@
 array kind (a torch input gets its results on its own device)."""
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -28,7 +29,8 @@ def _float_2d(t: torch.Tensor, name: str, what: str) -> torch.Tensor:
         raise TypeError(f"{name} must hold real numbers, got {t.dtype}")
     if not t.dtype.is_floating_point or t.dtype in (torch.float16, torch.bfloat16):
         t = t.to(torch.float32)
-    return t.reshape(t.shape[0], -1)
+    # reshape(n, -1) is ambiguous for n = 0: the feature count comes from the shape
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
 
 
 def prepare_points(data: Any, name: str = "data", *, device=None,
@@ -108,9 +110,20 @@ class Run:
     close: Callable[[], None]
 
 
-def setup(data, queries, k, *, device, exclude_self, batch_size, progress, desc: str,
+def check_queries_arg(queries: Any, fn: str, k_default: int) -> None:
+    """``fn(data, 20)`` means k = 20, but the second positional argument is
+    ``queries``: say so instead of failing on an integer array."""
+    if isinstance(queries, numbers.Number) and not isinstance(queries, bool):
+        raise TypeError(f"{fn}: the second positional argument is queries (points to measure, [M, n_features]), "
+                        f"got the number {queries!r}; k is keyword-only: call {fn}(data, k={queries!r}) "
+                        f"(default k={k_default})")
+
+
+def setup(data, queries, k, *, device, exclude_self, batch_size, progress, desc: str, fn: str, k_default: int,
           min_k: int = 2) -> Run:
-    """Validate and convert the common arguments of the data-side estimators."""
+    """Validate and convert the common arguments of the data-side estimators
+    (``fn``, ``k_default``: the caller's name and default k, for messages)."""
+    check_queries_arg(queries, fn, k_default)
     x, back = prepare_points(data, "data", device=device)
     q = None if queries is None else prepare_queries(queries, x, device)
     excl = bool(exclude_self) and q is None

@@ -6,6 +6,7 @@ scikit-dimension's pointwise definitions.
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import torch
 
@@ -26,8 +27,17 @@ def mle_lid(data, queries=None, *, k: int = 20, unbiased: bool = False, batch_si
     is 0); ``unbiased`` uses k - 2. This is scikit-dimension's
     ``MLE().fit(X, n_neighbors=k).dimension_pw_`` (its default k = 20,
     dnoise=None, neighborhood_based=True): a point with a neighbour at
-    distance 0 gets 0, one whose k neighbours are all at distance 0 gets NaN,
-    as there.
+    distance 0 (and some neighbour beyond it) gets 0, as there.
+
+    Undefined points are NaN, with one warning giving their count: a point
+    whose k neighbours are all at one distance R_1 = R_k, i.e. copies of one
+    image. At distance 0 (the point is duplicated k times) m is 0 / 0, NaN
+    in scikit-dimension too; at a positive distance (the neighbours are
+    copies of another image) every log(R_k / R_j) is 0, m = (k - 1) / 0, and
+    scikit-dimension returns inf. The likelihood there grows without bound
+    in m (a sphere of copies looks infinite-dimensional); that is a fact
+    about the duplicates, not a dimension of the point, so it is reported as
+    undefined rather than as inf.
 
     Args:
         data: [N, D] points or [N, *image_shape] images (torch CPU/CUDA,
@@ -39,15 +49,25 @@ def mle_lid(data, queries=None, *, k: int = 20, unbiased: bool = False, batch_si
         [M] float64 LIDs as the array kind of ``data``.
     """
     run = setup(data, queries, k, device=device, exclude_self=exclude_self, batch_size=batch_size,
-                progress=progress, desc="MLE")
+                progress=progress, desc="MLE", fn="mle_lid", k_default=20)
     kfac = run.k - 2 if unbiased else run.k - 1
     if kfac < 1:
         run.close()
         raise ValueError(f"k must be >= 3 with unbiased=True, got {run.k}")
     out = torch.empty(run.M, dtype=torch.float64, device=run.x.device)
+    n_zero = n_pos = 0
     for r0, r1, d, _ in neighbour_batches(run):
         d = d.to(torch.float64)
-        out[r0:r1] = kfac / torch.log(d[:, -1:] / d).sum(1)
+        m = kfac / torch.log(d[:, -1:] / d).sum(1)
+        one = d[:, 0] == d[:, -1]  # sorted: all k at one distance
+        n_zero += int((one & (d[:, 0] == 0)).sum())
+        n_pos += int((one & (d[:, 0] > 0)).sum())
+        out[r0:r1] = m.masked_fill(one, float("nan"))
+    if n_zero + n_pos:
+        warnings.warn(f"mle_lid: {n_zero + n_pos} of {run.M} points have all {run.k} nearest neighbours at one "
+                      f"distance, i.e. copies of one image ({n_zero} at distance 0, {n_pos} at a positive "
+                      "distance): the MLE is undefined there (0/0 or 1/0) and they are returned as NaN",
+                      stacklevel=2)
     return run.back(out)
 
 
@@ -92,7 +112,9 @@ def twonn_lid(data, queries=None, *, k: int = 100, discard_fraction: float = 0.1
       by least squares to (log mu_(i), -log(1 - i/N)), i = 1..n_keep;
     - ``method="mle"``: (n_keep - 1) / (sum log mu_(i) + (N - n_keep) log mu_(n_keep)).
 
-    A neighbourhood with fewer than 2 ratios kept gives NaN (skdim raises).
+    A neighbourhood with fewer than 2 ratios kept gives NaN (skdim raises),
+    with one warning giving the count (e.g. a neighbourhood made of copies
+    of one image: every r1 is 0).
 
     Args: as :func:`mle_lid`; k defaults to skdim's fit_pw default 100.
 
@@ -105,9 +127,14 @@ def twonn_lid(data, queries=None, *, k: int = 100, discard_fraction: float = 0.1
             or not 0.0 <= float(discard_fraction) < 1.0:
         raise ValueError(f"discard_fraction must be in [0, 1), got {discard_fraction!r}")
     run = setup(data, queries, k, device=device, exclude_self=exclude_self, batch_size=batch_size,
-                progress=progress, desc="TwoNN", min_k=3)
+                progress=progress, desc="TwoNN", fn="twonn_lid", k_default=100, min_k=3)
     out = torch.empty(run.M, dtype=torch.float64, device=run.x.device)
     for r0, r1, _, nb in neighbour_batches(run):
         mu = ops.twonn_ratios(run.x, nb)
         out[r0:r1] = _twonn_fit(mu, float(discard_fraction), method)
+    n_nan = int(torch.isnan(out).sum())
+    if n_nan:
+        warnings.warn(f"twonn_lid: {n_nan} of {run.M} points have fewer than 2 usable ratios r2 / r1 in their "
+                      f"neighbourhood of {run.k} (r1 = 0 for duplicates): their TwoNN is undefined, returned as "
+                      "NaN", stacklevel=2)
     return run.back(out)

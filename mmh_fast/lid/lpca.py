@@ -45,10 +45,17 @@ def apply_rule(ev: torch.Tensor, rule: str, alpha: float = 0.05) -> torch.Tensor
     - ``fo``: #(ev > alpha * ev[0]) (Fukunaga-Olsen).
     - ``maxgap``: 1 + position of the largest ratio ev[i] / ev[i+1] (ratios
       0/0 ignored; a row with no defined ratio gives 0, where skdim raises).
-      When k <= D the last variance is 0 up to rounding (centring removes
-      a dimension), and so are all beyond the data's rank on noiseless
-      data: the largest ratio can then be one between rounding-level
-      values, in skdim as here, and the two need not agree there.
+      Variances at rounding level, at most m * eps * ev[0] (eps of the
+      spectrum's dtype), are set to 0 first, so the first x / 0 = inf sits
+      at the neighbourhood's numerical rank. Why: a rank-deficient
+      neighbourhood (constant pixels, k <= D, noiseless data) has variances
+      that are 0 up to rounding. scikit-dimension's SVD leaves them near
+      eps^2 ev[0] and of one size (ratios near 1), so its largest ratio is
+      the one into them, at the rank; the covariance / Gram eigenvalues of
+      :func:`mmh_fast.ops.local_pca` leave them near eps ev[0] with arbitrary
+      ratios and exact zeros among them, whose x / 0 = inf would otherwise
+      win anywhere in the tail (on the raw digits at k = 100: 0% agreement,
+      median 55 against 48, before this floor; 100% after it).
     - ``ratio``: 1 + #(cumsum(ev) / sum(ev) < alpha).
     - ``participation_ratio``: sum(ev)^2 / sum(ev^2) (float64; NaN for an
       all-zero spectrum, as skdim).
@@ -77,6 +84,7 @@ def apply_rule(ev: torch.Tensor, rule: str, alpha: float = 0.05) -> torch.Tensor
     if rule == "maxgap":
         if m < 2:
             return torch.ones(ev.shape[0], dtype=torch.int64, device=ev.device)
+        ev = _floor_zeros(ev)
         gaps = ev[:, :-1] / ev[:, 1:]
         nan = torch.isnan(gaps)
         gaps = gaps.masked_fill(nan, float("-inf"))
@@ -107,13 +115,13 @@ def _pair_distance_quantile(x: torch.Tensor, q: float, n_pairs: int, seed: int) 
     return float(torch.quantile(d.cpu(), q))
 
 
-def _floor_zeros(ev: torch.Tensor, scale2: float) -> torch.Tensor:
+def _floor_zeros(ev: torch.Tensor, scale2: float = 0.0) -> torch.Tensor:
     """Set explained variances within floating error of 0 to 0: below
     m * eps * ev[0] (rank deficiency seen through rounding) or below
     (m * eps)^2 * scale2 (noise of a neighbourhood of near-copies)."""
     m = max(ev.shape[1], 1)
     eps = torch.finfo(ev.dtype).eps
-    tol = torch.maximum(m * eps * ev[:, :1], torch.full_like(ev[:, :1], (m * eps) ** 2 * scale2))
+    tol = torch.clamp_min(m * eps * ev[:, :1], (m * eps) ** 2 * scale2)
     return torch.where(ev <= tol, torch.zeros_like(ev), ev)
 
 
@@ -214,7 +222,7 @@ def lpca(data, queries=None, *, k: int = 100, rule: str = "fo", alpha: float = 0
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < float(alpha) < 1.0:
         raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
     run = setup(data, queries, k, device=device, exclude_self=exclude_self, batch_size=batch_size,
-                progress=progress, desc="lpca")
+                progress=progress, desc="lpca", fn="lpca", k_default=100)
     if rule == "paper":
         if not 0.0 < float(quantile) < 1.0:
             run.close()
