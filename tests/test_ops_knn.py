@@ -360,6 +360,29 @@ def test_float32_data_beyond_float32_squared_range_are_searched_exactly():
         assert bool(torch.isfinite(dist).all())
 
 
+@pytest.mark.parametrize("precision", ["full", "bf16"])
+def test_float32_data_whose_float32_mean_overflows_are_searched_exactly(device, precision):
+    # finite float32 values up to 1e38 whose float32 column sums overflow:
+    # the data mean, hence every centred norm and key, is NaN or inf. The
+    # range guard must catch NaN too (a "norm > limit" test is false for NaN,
+    # which once returned index 0 at distance 0 for every neighbour).
+    # D = 2 keeps every distance (<= 2.9e38) inside float32.
+    if device.type == "cuda" and precision == "bf16":
+        pytest.skip("the bf16 screen is CPU-only")
+    g = torch.Generator().manual_seed(21)
+    x = ((torch.rand(5000, 2, generator=g, dtype=torch.float64) * 2 - 1) * 1e38).float()
+    q = ((torch.rand(40, 2, generator=g, dtype=torch.float64) * 2 - 1) * 1e38).float()
+    assert not bool(torch.isfinite(x.sum(0)).all())  # the premise: float32 sums overflow
+    dist, idx = ops.knn(x.to(device), q.to(device), 5, precision=precision)
+    want_d, want_i = _brute(x, q, 5)
+    np.testing.assert_array_equal(idx.cpu().numpy(), want_i)
+    np.testing.assert_allclose(dist.cpu().numpy(), want_d, rtol=1e-6)
+    dist, idx = ops.knn(x.to(device), k=3, precision=precision)  # self search
+    want_d, want_i = _brute(x, x, 3, exclude_self=True)
+    np.testing.assert_array_equal(idx.cpu().numpy(), want_i)
+    np.testing.assert_allclose(dist.cpu().numpy(), want_d, rtol=1e-6)
+
+
 def test_native_bf16_probe_matches_the_cpu_flags():
     # the independent truth on Linux: the kernel's CPU flags
     from mmh_fast.ops.knn import cpu_has_native_bf16

@@ -49,6 +49,10 @@ inline int64_t check_knn_args(const at::Tensor& data, const at::Tensor& queries,
   return avail;
 }
 
+// Largest centred squared norm (of data or queries) searched with float32 or
+// bf16 keys |x|^2 - 2 q.x: beyond it a key may overflow float32 (3.4e38).
+constexpr double kKeyNormLimit = 1e36;
+
 // What knn_cpu and knn_cuda both start from: checked arguments, contiguous
 // inputs, the [M, k] outputs and kk = min(k + extra, candidates).
 struct KnnLaunch {

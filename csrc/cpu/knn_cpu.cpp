@@ -366,10 +366,12 @@ void knn_kernel_impl(const at::Tensor& x, const at::Tensor& q, int64_t k, int64_
       }
     });
     // float32 / bf16 keys overflow once centred squared norms near 3.4e38
-    // (inf / NaN keys, unfilled rows): such inputs are searched with the
+    // (inf / NaN keys, unfilled rows), and finite data whose float32 column
+    // sums overflow have a NaN or inf mean: such inputs are searched with the
     // exact float64 screen (distances rounded back to the data dtype; every
-    // row of a reduced screen counted as redone).
-    if (xn_t.max().item<double>() > 1e36 || qn.max().item<double>() > 1e36) {
+    // row of a reduced screen counted as redone). Written as !(norm <= limit)
+    // so that a NaN norm is caught.
+    if (!(xn_t.max().item<double>() <= kKeyNormLimit) || !(qn.max().item<double>() <= kKeyNormLimit)) {
       auto dd = at::empty(out_d.sizes(), out_d.options().dtype(at::kDouble));
       knn_kernel_impl<double, double>(x.to(at::kDouble), q.to(at::kDouble), k, self_offset, squared, kk,
                                       dd, out_i, Screen::kNative, lambda, nullptr);
