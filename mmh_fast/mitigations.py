@@ -27,6 +27,7 @@ both reuse it; it depends only on torch.
 """
 from __future__ import annotations
 
+import numbers
 import random
 import string
 from typing import Iterable, Sequence
@@ -50,9 +51,17 @@ def _check_count(value, name: str) -> int:
     return value
 
 
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    return int(seed)
+
+
 def _ids(sample_ids, n: int) -> list:
     if sample_ids is None:
         return list(range(n))
+    if isinstance(sample_ids, (str, bytes)) or not hasattr(sample_ids, "__len__"):
+        raise TypeError(f"sample_ids must be a sequence of ids (one per sample), got {type(sample_ids).__name__}")
     ids = [int(i) if isinstance(i, torch.Tensor) else i for i in sample_ids]
     if len(ids) != n:
         raise ValueError(f"sample_ids must have one entry per sample: got {len(ids)} for {n} samples")
@@ -74,10 +83,12 @@ class GaussianNoiseInjection:
     """
 
     def __init__(self, scale: float = 0.1, *, seed: int = 0, skip_first_token: bool = False):
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a number >= 0, got {scale!r}")
         scale = float(scale)
         if not scale >= 0 or scale == float("inf"):
             raise ValueError(f"scale must be a finite number >= 0, got {scale}")
-        self.scale, self.seed, self.skip_first_token = scale, int(seed), bool(skip_first_token)
+        self.scale, self.seed, self.skip_first_token = scale, _check_seed(seed), bool(skip_first_token)
 
     def noise(self, shape: Sequence[int], sample_ids=None) -> torch.Tensor:
         """The standard normal draws [B, *shape[1:]] (before scaling)."""
@@ -112,7 +123,7 @@ class PromptTransform:
 
     def __init__(self, n: int = 1, *, seed: int = 0):
         self.n = _check_count(n, "n")
-        self.seed = int(seed)
+        self.seed = _check_seed(seed)
 
     def insertions(self, words: list[str], rng: random.Random) -> list[str]:
         raise NotImplementedError

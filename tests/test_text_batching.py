@@ -348,3 +348,35 @@ def test_flipd_graph_memory_does_not_grow_with_steps_or_probes():
 
     one = _peak_saved(lambda: attribute(1, 1))
     assert _peak_saved(lambda: attribute(4, 3)) == one
+
+
+# ----------------------------------------------------------------------------- input checks
+
+def test_every_entry_point_names_the_bad_argument():
+    from mmh_fast import mitigations as M
+    from mmh_fast.text import mitigate
+    pipe = tiny_sd()
+    with pytest.raises(TypeError, match="callback"):
+        memorization_score(pipe, "a dog", num_inference_steps=3, callback=3)
+    with pytest.raises(TypeError, match="callback"):
+        token_attributions(pipe, "a dog", num_inference_steps=3, callback="x")
+    with pytest.raises(TypeError, match="prompt_or_embeds must be strings"):
+        memorization_score(pipe, ["a dog", 3])
+    with pytest.raises(TypeError, match="captions must be strings"):
+        cfg_norm_train(pipe, _images(2), ["a dog", None])
+    with pytest.raises(TypeError, match="attribution_kwargs"):
+        mitigate(pipe, "a red car", attribution_kwargs=["num_images", 1])
+    with pytest.raises(TypeError, match="target"):
+        optimize_prompt_embedding(pipe, "a dog", target="low", iters=1)
+    with pytest.raises(ValueError, match="weight_decay"):
+        optimize_prompt_embedding(pipe, "a dog", weight_decay=-1.0, iters=1)
+    with pytest.raises(TypeError, match="prompts must be"):
+        generate(pipe, 5)
+    with pytest.raises(TypeError, match="scale"):
+        M.GaussianNoiseInjection("big")
+    with pytest.raises(TypeError, match="seed"):
+        M.GaussianNoiseInjection(0.1, seed=1.5)
+    with pytest.raises(TypeError, match="seed"):
+        M.CaptionWordRepeat(1, seed="x")
+    with pytest.raises(TypeError, match="sample_ids"):
+        M.CaptionWordRepeat(1).apply(["a b"], sample_ids=5)

@@ -129,6 +129,9 @@ def mitigate(pipe, prompt: str, *, k: int = 3, metric: str = "flipd", temperatur
         raise ValueError(f"prompt {prompt!r} has no tokens to perturb")
     if k > len(pt):
         raise ValueError(f"k = {k} exceeds the prompt's {len(pt)} token(s) {pt.text}; use k <= {len(pt)}")
+    if attribution_kwargs is not None and not isinstance(attribution_kwargs, dict):
+        raise TypeError(f"attribution_kwargs must be a dict of token_attributions options, "
+                        f"got {type(attribution_kwargs).__name__}")
     if attributions is None:
         attributions = token_attributions(pipe, prompt, metric=metric, **(attribution_kwargs or {}))
     scores = _attribution_scores(attributions, pt)
