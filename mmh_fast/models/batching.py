@@ -77,9 +77,11 @@ class NonFiniteOutputError(ValueError):
         return (type(self), (self.what, self.positions))
 
 
-def check_finite(t: torch.Tensor, *, what: str, offset: int = 0, dim: int = 0) -> None:
+def check_finite(t: torch.Tensor, *, what: str, offset: int = 0, dim: int = 0, index=None) -> None:
     """Raise :class:`NonFiniteOutputError` if any sample of ``t`` (index along
-    ``dim``) holds a NaN or inf; positions are reported as ``offset + index``.
+    ``dim``) holds a NaN or inf; positions are reported as ``offset + index``,
+    or as ``index[i]`` when ``index`` (an integer tensor with one entry per
+    sample, e.g. the point each noisy copy belongs to) is given.
 
     Cost: one reduction over ``t`` when everything is finite (the sum of finite
     values can only overflow to inf, which then takes the exact per-sample path)."""
@@ -90,7 +92,8 @@ def check_finite(t: torch.Tensor, *, what: str, offset: int = 0, dim: int = 0) -
     flat = t.detach().movedim(dim, 0).reshape(t.shape[dim], -1)
     bad = (~torch.isfinite(flat)).any(dim=1).nonzero().reshape(-1)
     if bad.numel():
-        raise NonFiniteOutputError(what, (bad.cpu() + int(offset)).tolist())
+        pos = torch.as_tensor(index).reshape(-1).cpu()[bad.cpu()] if index is not None else bad.cpu() + int(offset)
+        raise NonFiniteOutputError(what, torch.unique(pos).tolist())
 
 
 def _n_params(net) -> int:
