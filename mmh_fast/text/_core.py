@@ -153,13 +153,15 @@ class TextPipeline:
         blocks = _cfg(self.net, "block_out_channels")
         return 2 ** (len(blocks) - 1) if blocks else 1
 
-    def batch_size(self, *, passes: int = 2, backward: bool = False, graphs: int = 1) -> int:
+    def batch_size(self, *, passes: int = 2, backward: bool = False, graphs: int = 1, latent_shape=None) -> int:
         """Default (prompt, image) rows per UNet call: :func:`default_batch_size`
-        of the UNet on one latent (``passes`` = 2 for the two CFG branches of one
-        row; ``backward`` when a graph is kept), divided by ``graphs``, the
-        number of graphs of that size alive at once (2 for a Hutchinson VJP taken
-        with create_graph beside the forward graph it differentiates)."""
-        bs = default_batch_size(self.net, self.latent_shape(), passes=passes, backward=backward, device=self.device)
+        of the UNet on one latent (``latent_shape``, default the config's;
+        ``passes`` = 2 for the two CFG branches of one row; ``backward`` when a
+        graph is kept), divided by ``graphs``, the number of graphs of that size
+        alive at once (2 for a Hutchinson VJP taken with create_graph beside the
+        forward graph it differentiates)."""
+        shape = self.latent_shape() if latent_shape is None else tuple(latent_shape)
+        bs = default_batch_size(self.net, shape, passes=passes, backward=backward, device=self.device)
         return max(1, bs // max(1, int(graphs)))
 
     def embed(self, prompts: Sequence[str], *, batch_size: int | None = None) -> torch.Tensor:

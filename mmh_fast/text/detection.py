@@ -204,7 +204,8 @@ def cfg_norm_train(pipe, images, captions, *, t0: float = 0.01, n_euler: int = 3
             check_rows(e, f"the UNet's {name} noise prediction at t0={t0:.3g} (positions are image indices)", pos)
         return ((e_c - e_u).reshape(x.shape[0], -1).to(torch.float64).norm(dim=1) / sigma).cpu()
 
-    out = torch.cat(run_chunked(chunk, B, batch_size=bs or tp.batch_size(passes=2), what="cfg_norm_train"))
+    out = torch.cat(run_chunked(chunk, B, batch_size=bs or tp.batch_size(passes=2, latent_shape=z.shape[1:]),
+                                what="cfg_norm_train"))
     out = out.to(tp.work_dtype)
     check_rows(out, f"cfg_norm_train's score in {tp.work_dtype} (beyond its range)", range(B))
     return out
