@@ -58,3 +58,6 @@ __all__ += ["hessian_score_difference_norm", "hessian_eigenvalues", "optimize_in
 from .anisotropy import NormAlignment, adapt_prompt_embedding, norm_alignment_score  # noqa: E402
 
 __all__ += ["norm_alignment_score", "NormAlignment", "adapt_prompt_embedding"]
+from .maps import curvature_difference_map, map_localization, score_difference_map  # noqa: E402
+
+__all__ += ["curvature_difference_map", "score_difference_map", "map_localization"]
