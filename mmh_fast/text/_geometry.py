@@ -4,14 +4,51 @@ trajectory they are evaluated at, Jacobian-vector products of both eps
 branches, and the finite-score check."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 
 from ..lid.flipd import _jvp
-from ._core import TextPipeline, check_int
+from ._core import TextPipeline, as_prompts, check_guidance, check_int, text_pipeline
 
-__all__ = ["Rows", "row_chunks", "points_at", "jvp_of", "eps_pair_jvp", "check_scores"]
+__all__ = ["Setup", "setup", "check_step", "Rows", "row_chunks", "points_at", "jvp_of", "eps_pair_jvp", "check_scores"]
+
+
+@dataclass
+class Setup:
+    """Checked common arguments of a detector: the wrapped pipeline, the prompts,
+    images per prompt, CFG scale, seed, DDIM grid, prompt embeddings [N, L, D]
+    and the empty-prompt embedding [1, L, D]."""
+
+    tp: TextPipeline
+    prompts: list
+    num_images: int
+    guidance_scale: float
+    seed: int
+    grid: object
+    cond: torch.Tensor
+    uncond: torch.Tensor
+
+
+def setup(pipe, prompts, *, num_images, num_inference_steps, seed, guidance_scale=7.5) -> Setup:
+    tp = text_pipeline(pipe)
+    prompts = as_prompts(prompts)
+    num_images = check_int(num_images, "num_images", 1)
+    lam = check_guidance(guidance_scale)
+    seed = check_int(seed, "seed", 0)
+    grid = tp.grid(num_inference_steps)
+    emb = tp.embed(prompts + [""])
+    return Setup(tp, prompts, num_images, lam, seed, grid, emb[:-1], emb[-1:])
+
+
+def check_step(step, n: int, name: str = "step") -> int:
+    """An index of the n-step DDIM grid (negative from the end) as 0 <= i < n."""
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"{name} must be an integer index of the DDIM grid, got {step!r}")
+    if not -n <= step < n:
+        raise ValueError(f"{name} must index the {n}-step DDIM grid (-{n} <= {name} < {n}), got {step}")
+    return step % n
 
 
 class Rows:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ._core import as_prompts, check_float, check_int, text_pipeline
-from ._geometry import check_scores, row_chunks
+from ._geometry import check_scores, check_step, row_chunks
 
 __all__ = ["norm_alignment_score", "NormAlignment", "adapt_prompt_embedding"]
 
@@ -61,14 +61,6 @@ def _terms(tp, grid, x, cond, uncond, i_low):
     # the same pure noise presented to the UNet as if it were at the low-noise level t_low
     l_u, l_c = tp.pair(x, grid, i_low, cond, uncond)
     return norm, _channel_cosine(l_u, l_c - l_u)
-
-
-def _check_alignment_step(step, n: int) -> int:
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise TypeError(f"alignment_step must be an integer index of the DDIM grid, got {step!r}")
-    if not -n <= step < n:
-        raise ValueError(f"alignment_step must index the {n}-step DDIM grid (-{n} <= step < {n}), got {step}")
-    return step % n
 
 
 def norm_alignment_score(pipe, prompts, *, num_images: int = 1, norm_weight: float = 1.0,
@@ -112,7 +104,7 @@ def norm_alignment_score(pipe, prompts, *, num_images: int = 1, norm_weight: flo
     if not isinstance(return_components, bool):
         raise TypeError(f"return_components must be True or False, got {return_components!r}")
     grid = tp.grid(num_inference_steps)
-    i_low = _check_alignment_step(alignment_step, len(grid))
+    i_low = check_step(alignment_step, len(grid), "alignment_step")
     emb = tp.embed(prompts + [""])
     cond_all, uncond = emb[:-1], emb[-1:]
     R = len(prompts) * num_images
@@ -166,7 +158,7 @@ def adapt_prompt_embedding(pipe, prompt, *, lr: float = 0.05, iters: int = 20, t
     if target is not None:
         target = check_float(target, "target")
     grid = tp.grid(num_inference_steps)
-    i_low = _check_alignment_step(alignment_step, len(grid))
+    i_low = check_step(alignment_step, len(grid), "alignment_step")
     base, _ = tp.as_embeddings(prompt, "prompt")
     if base.shape[0] != 1:
         raise ValueError(f"adapt_prompt_embedding takes one prompt, got {base.shape[0]}")

@@ -27,18 +27,10 @@ import torch
 
 from ..models.pipelines import is_latent_pipeline
 from ..ops.hutchinson import hutchinson_probes
-from ._core import as_prompts, check_guidance, check_int, text_pipeline
-from ._geometry import check_scores, eps_pair_jvp, points_at, row_chunks
+from ._core import check_int
+from ._geometry import check_scores, check_step, eps_pair_jvp, points_at, row_chunks, setup
 
 __all__ = ["curvature_difference_map", "score_difference_map", "map_localization"]
-
-
-def _check_step(step, n: int) -> int:
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise TypeError(f"step must be an integer index of the DDIM grid, got {step!r}")
-    if not -n <= step < n:
-        raise ValueError(f"step must index the {n}-step DDIM grid (-{n} <= step < {n}), got {step}")
-    return step % n
 
 
 def _upsample(maps: torch.Tensor, tp, upsample: bool) -> torch.Tensor:
@@ -54,18 +46,6 @@ def _upsample(maps: torch.Tensor, tp, upsample: bool) -> torch.Tensor:
     up = torch.nn.functional.interpolate(maps[:, None].to(torch.float64), scale_factor=f, mode="bilinear",
                                          align_corners=False)
     return up[:, 0]
-
-
-def _prepare(pipe, prompts, num_images, step, num_inference_steps, guidance_scale, seed):
-    tp = text_pipeline(pipe)
-    prompts = as_prompts(prompts)
-    num_images = check_int(num_images, "num_images", 1)
-    lam = check_guidance(guidance_scale)
-    seed = check_int(seed, "seed", 0)
-    grid = tp.grid(num_inference_steps)
-    step = _check_step(step, len(grid))
-    emb = tp.embed(prompts + [""])
-    return tp, prompts, num_images, lam, seed, grid, step, emb[:-1], emb[-1:]
 
 
 def curvature_difference_map(pipe, prompts, *, num_images: int = 1, step: int = -1, n_probes: int = 16,
@@ -101,8 +81,11 @@ def curvature_difference_map(pipe, prompts, *, num_images: int = 1, step: int = 
     Returns:
         float64 [N, num_images, H, W] on the CPU (>= 0).
     """
-    tp, prompts, M, lam, seed, grid, step, cond_all, uncond = _prepare(
-        pipe, prompts, num_images, step, num_inference_steps, guidance_scale, seed)
+    S = setup(pipe, prompts, num_images=num_images, num_inference_steps=num_inference_steps, seed=seed,
+              guidance_scale=guidance_scale)
+    tp, prompts, M, lam, seed, grid, cond_all, uncond = (S.tp, S.prompts, S.num_images, S.guidance_scale, S.seed,
+                                                         S.grid, S.cond, S.uncond)
+    step = check_step(step, len(grid))
     n_probes = check_int(n_probes, "n_probes", 1)
     out = []
     for rows in row_chunks(len(prompts), M, batch_size):
@@ -136,8 +119,11 @@ def score_difference_map(pipe, prompts, *, num_images: int = 1, step: int = -1, 
     Returns:
         float64 [N, num_images, H, W] on the CPU, in score^2 units (>= 0).
     """
-    tp, prompts, M, lam, seed, grid, step, cond_all, uncond = _prepare(
-        pipe, prompts, num_images, step, num_inference_steps, guidance_scale, seed)
+    S = setup(pipe, prompts, num_images=num_images, num_inference_steps=num_inference_steps, seed=seed,
+              guidance_scale=guidance_scale)
+    tp, prompts, M, lam, seed, grid, cond_all, uncond = (S.tp, S.prompts, S.num_images, S.guidance_scale, S.seed,
+                                                         S.grid, S.cond, S.uncond)
+    step = check_step(step, len(grid))
     out = []
     for rows in row_chunks(len(prompts), M, batch_size):
         cond = cond_all.index_select(0, rows.prompt.to(cond_all.device))

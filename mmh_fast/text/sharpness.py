@@ -29,7 +29,7 @@ import torch
 from ..models.pipelines import decode_latents
 from ..ops.krylov import krylov_eigenvalues
 from ._core import as_prompts, check_float, check_guidance, check_int, text_pipeline
-from ._geometry import check_scores, eps_pair_jvp, jvp_of, points_at, row_chunks
+from ._geometry import check_scores, eps_pair_jvp, jvp_of, points_at, row_chunks, setup
 from .detection import _check_steps
 
 __all__ = ["hessian_score_difference_norm", "hessian_eigenvalues", "optimize_initial_noise", "generate_sail",
@@ -71,22 +71,17 @@ def hessian_score_difference_norm(pipe, prompts, *, num_images: int = 4, steps=(
         float32 [N] (float64 for a float64 pipeline) on the CPU, in score^2 units
         (1 / latent units^2).
     """
-    tp = text_pipeline(pipe)
-    prompts = as_prompts(prompts)
-    num_images = check_int(num_images, "num_images", 1)
-    lam = check_guidance(guidance_scale)
-    seed = check_int(seed, "seed", 0)
-    grid = tp.grid(num_inference_steps)
+    S = setup(pipe, prompts, num_images=num_images, num_inference_steps=num_inference_steps, seed=seed,
+              guidance_scale=guidance_scale)
+    tp, prompts, num_images, grid = S.tp, S.prompts, S.num_images, S.grid
     s0, s1 = _check_steps(steps, len(grid))
-    emb = tp.embed(prompts + [""])
-    cond_all, uncond = emb[:-1], emb[-1:]
     total = torch.zeros(len(prompts) * num_images, dtype=torch.float64)
     for rows in row_chunks(len(prompts), num_images, batch_size):
-        cond = cond_all.index_select(0, rows.prompt.to(cond_all.device))
-        for i, x in points_at(tp, grid, rows, seed, cond, uncond, lam, range(s0, s1)):
+        cond = S.cond.index_select(0, rows.prompt.to(S.cond.device))
+        for i, x in points_at(tp, grid, rows, S.seed, cond, S.uncond, S.guidance_scale, range(s0, s1)):
             with torch.no_grad():
-                e_u, e_c = tp.pair(x, grid, i, cond, uncond)
-            _, (j_u, j_c) = eps_pair_jvp(tp, grid, i, x, e_c - e_u, cond, uncond)
+                e_u, e_c = tp.pair(x, grid, i, cond, S.uncond)
+            _, (j_u, j_c) = eps_pair_jvp(tp, grid, i, x, e_c - e_u, cond, S.uncond)
             hs = (j_c - j_u).reshape(len(rows), -1).to(torch.float64).norm(dim=1) / grid.sigma[i] ** 2
             total[rows.r] += hs.cpu()
     out = total.reshape(len(prompts), num_images).mean(1) / (s1 - s0)
@@ -140,17 +135,14 @@ def hessian_eigenvalues(pipe, prompts, *, k: int = 8, num_images: int = 1, step:
         [N, num_images, k] float64 (complex128 when ``symmetric=False``) on the CPU,
         in 1 / latent units^2.
     """
-    tp = text_pipeline(pipe)
-    prompts = as_prompts(prompts)
     k = check_int(k, "k", 1)
-    num_images = check_int(num_images, "num_images", 1)
-    lam = check_guidance(guidance_scale)
-    seed = check_int(seed, "seed", 0)
     if branch not in HESSIAN_BRANCHES:
         raise ValueError(f"branch must be one of {HESSIAN_BRANCHES}, got {branch!r}")
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be True or False, got {symmetric!r}")
-    grid = tp.grid(num_inference_steps)
+    S = setup(pipe, prompts, num_images=num_images, num_inference_steps=num_inference_steps, seed=seed,
+              guidance_scale=guidance_scale)
+    tp, prompts, num_images, grid, seed = S.tp, S.prompts, S.num_images, S.grid, S.seed
     step = check_int(step, "step", 0)
     if step >= len(grid):
         raise ValueError(f"step must be < num_inference_steps ({len(grid)}), got {step}")
@@ -159,13 +151,11 @@ def hessian_eigenvalues(pipe, prompts, *, k: int = 8, num_images: int = 1, step:
         d *= s
     if k > d:
         raise ValueError(f"k must be <= the latent size {d}, got {k}")
-    emb = tp.embed(prompts + [""])
-    cond_all, uncond = emb[:-1], emb[-1:]
     out = []
     for rows in row_chunks(len(prompts), num_images, batch_size):
-        cond = cond_all.index_select(0, rows.prompt.to(cond_all.device))
-        (_, x), = points_at(tp, grid, rows, seed, cond, uncond, lam, [step])
-        f = _branch_fn(tp, grid, step, branch, cond, uncond)
+        cond = S.cond.index_select(0, rows.prompt.to(S.cond.device))
+        (_, x), = points_at(tp, grid, rows, seed, cond, S.uncond, S.guidance_scale, [step])
+        f = _branch_fn(tp, grid, step, branch, cond, S.uncond)
         sigma = grid.sigma[step]
 
         def matvec(v, _f=f, _x=x):
