@@ -8,10 +8,12 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from _batching_helpers import CorruptRows, OOMAbove
 from _helpers import DoubleWithoutForwardAD
 
 import mmh_fast
 from mmh_fast.models import VESchedule, VPSDESchedule, make_schedule
+from mmh_fast.models.batching import NonFiniteOutputError
 from mmh_fast.models.pipelines import encode_images, encode_prompts
 from mmh_fast.testing import (GaussianMixtureEps, tiny_ddpm_pipeline, tiny_stable_diffusion_pipeline, tiny_unet2d,
                               tiny_unet2d_condition)
@@ -327,8 +329,108 @@ def test_ddpm_and_ddim_pipelines_are_pixel_space():
         pipe = tiny_ddpm_pipeline(ddim=ddim)
         got = mmh_fast.flipd(pipe, img, 0.05, n_probes=2)
         torch.testing.assert_close(got, mmh_fast.flipd(pipe.unet, img, 0.05, scheduler=pipe.scheduler, n_probes=2))
+
+
+class _VToEps(torch.nn.Module):
+    """A v-prediction network turned into an eps-prediction one, written out:
+    eps = sigma x_t + psi v (psi^2 + sigma^2 = 1), psi and sigma from the
+    scheduler's alphas_cumprod at the (integer) timestep."""
+
+    def __init__(self, net, alphas_cumprod):
+        super().__init__()
+        self.net, self.ac = net, alphas_cumprod.double()
+
+    def forward(self, x, t):
+        a = self.ac[t.long()].reshape(-1, 1, 1, 1)
+        return (1 - a).sqrt() * x + a.sqrt() * self.net(x, t).sample
+
+
+def test_v_prediction_pipeline_equals_the_converted_eps_network():
+    img = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(6)) * 2 - 1
     pipe = tiny_ddpm_pipeline(prediction_type="v_prediction")
-    assert mmh_fast.flipd(pipe, img, 0.05, n_probes=1).shape == (2,)
+    eps_net = _VToEps(pipe.unet, pipe.scheduler.alphas_cumprod)
+    eps_sched = DDPMScheduler(prediction_type="epsilon")  # same default betas as the pipeline's
+    for kw in (dict(n_probes=2, seed=3), dict(trace="exact")):
+        got = mmh_fast.flipd(pipe, img, 0.05, **kw)  # t0 = 0.05: timestep 50, an integer
+        want = mmh_fast.flipd(eps_net, img, 0.05, scheduler=eps_sched, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+    # and it is not the eps-prediction reading of the same network
+    assert not torch.allclose(mmh_fast.flipd(pipe.unet, img, 0.05, scheduler=eps_sched, trace="exact"), want,
+                              rtol=0, atol=1.0)
+
+
+# ----------------------------------------------------------------------------- non-finite outputs, OOM (issue 13)
+
+
+@pytest.mark.parametrize("kw", [dict(trace="exact"), dict(trace="hutchinson", n_probes=2),
+                                dict(trace="exact", method="jvp")])
+def test_non_finite_network_output_names_positions(kw):
+    m = GaussianMixtureEps.random([1, 3], (12,), separation=5.0, seed=2, scheduler=DDPM)
+    x = torch.full((3, 12), -2.0, dtype=torch.float64)
+    x[1] = 2.0  # CorruptRows hits sample 1 (input mean > 1) only
+    with pytest.raises(NonFiniteOutputError, match=r"noise prediction at t0=0.05.* position\(s\) 1\b") as info:
+        mmh_fast.flipd(CorruptRows(m, above=1.0), x, 0.05, scheduler=DDPM, **kw)
+    assert info.value.positions == [1]
+
+
+def test_overflowing_result_raises_instead_of_inf():
+    """Outputs x 1e30 on one row: |eps|^2 ~ 1e61 is finite in float64 but not in
+    the float32 result (issue 13 found inf there)."""
+    net = tiny_unet2d(sample_size=4, channels=(8, 16))
+    x = torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 0.5 - 1
+    x[2] = x[2] + 1.5  # input mean > 0: scaled
+    with pytest.raises(NonFiniteOutputError, match=r"FLIPD at t0=0.05.*position\(s\) 2\b") as info:
+        mmh_fast.flipd(CorruptRows(net, above=0.0, scale=1e30), x, 0.05, scheduler=DDPM)
+    assert info.value.positions == [2]
+    with pytest.raises(NonFiniteOutputError) as info:  # positions are those of the caller's x under chunking
+        mmh_fast.flipd(CorruptRows(net, above=0.0, value=float("inf")), x, 0.05, scheduler=DDPM, batch_size=2)
+    assert info.value.positions == [2]
+
+
+def test_out_of_memory_halves_and_keeps_values():
+    net = tiny_unet2d(sample_size=4, channels=(8, 16))
+    x = torch.rand(7, 3, 4, 4, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    kw = dict(scheduler=DDPM, trace="hutchinson", n_probes=2, seed=4)
+    want = mmh_fast.flipd(net, x, 0.05, **kw)
+    small = OOMAbove(net, limit=3)
+    with pytest.warns(UserWarning, match="out of memory"):
+        got = mmh_fast.flipd(small, x, 0.05, batch_size=7, **kw)
+    assert max(small.calls) <= 3
+    # one sample's value does not depend on its batch up to float32 rounding of the convolutions
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    # the replicated rows of the exact trace (12 basis vectors per sample) halve too
+    m = GaussianMixtureEps.random([1, 3], (12,), seed=2, scheduler=DDPM)
+    xm, _ = m.sample_x0(5, generator=torch.Generator().manual_seed(0))
+    exact = mmh_fast.flipd(m, xm, 0.05, scheduler=DDPM, trace="exact")
+    wrapped = OOMAbove(m, limit=30)
+    with pytest.warns(UserWarning, match="out of memory"):
+        torch.testing.assert_close(mmh_fast.flipd(wrapped, xm, 0.05, scheduler=DDPM, trace="exact"), exact,
+                                   rtol=0, atol=1e-10)
+    assert max(wrapped.calls) <= 30
+
+
+def test_default_chunk_comes_from_the_model_and_input_size(monkeypatch):
+    import importlib
+
+    fl = importlib.import_module("mmh_fast.lid.flipd")  # the package re-exports the function under this name
+
+    seen = []
+
+    def fake(net, shape, **kw):
+        seen.append((tuple(shape), kw))
+        return 2
+
+    monkeypatch.setattr(fl, "default_batch_size", fake)
+    net = tiny_unet2d(sample_size=4, channels=(8, 16))
+    x = torch.rand(5, 3, 4, 4, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    guard = OOMAbove(net, limit=2)  # would raise (and warn) on a chunk of more than 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = mmh_fast.flipd(guard, x, 0.05, scheduler=DDPM, trace="hutchinson", n_probes=2, seed=4)
+    assert guard.calls and max(guard.calls) <= 2
+    assert seen[0][0] == (3, 4, 4) and seen[0][1]["backward"] is True
+    torch.testing.assert_close(got, mmh_fast.flipd(net, x, 0.05, scheduler=DDPM, trace="hutchinson", n_probes=2,
+                                                   seed=4, batch_size=5), rtol=1e-5, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- bad input

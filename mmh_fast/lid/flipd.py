@@ -25,6 +25,13 @@ With ``guidance_scale`` the score is the CFG-adjusted one,
 s_u + lambda (s_c - s_u), and its Jacobian's trace is taken (Eq. 26).
 All reductions and the final combination are in float64, returned as float32
 (float64 for float64 input), whatever the network's precision.
+
+Samples run in chunks (default size from the network's parameter count and
+the sample size, :func:`mmh_fast.models.batching.default_batch_size`, with a
+backward pass); an out-of-memory error halves the chunk and retries it, and
+the probes' keys make the values independent of the chunking. A NaN or inf
+in the network's eps, or a value that overflows the returned dtype, raises
+:class:`~mmh_fast.models.batching.NonFiniteOutputError` naming the positions.
 """
 from __future__ import annotations
 
@@ -35,6 +42,8 @@ from typing import Sequence
 
 import torch
 
+from ..models.batching import check_finite as check_finite_output
+from ..models.batching import default_batch_size, is_oom, run_chunked
 from ..models.denoiser import model_device
 from ..models.forward_ad import forward_ad_safe
 from ..models.pipelines import ResolvedModel, resolve_model
@@ -63,6 +72,7 @@ class _Plan:
     batch_size: int
     probe_batch: int | None
     return_stderr: bool
+    rows: int  # most rows per network call in the replicated paths (scaled down with the chunk on OOM)
 
 
 def _check_int(v, name: str, lo: int) -> int:
@@ -74,7 +84,8 @@ def _check_int(v, name: str, lo: int) -> int:
     return v
 
 
-def _plan(d: int, B: int, *, trace, method, n_probes, probe, seed, batch_size, probe_batch, return_stderr) -> _Plan:
+def _plan(d: int, B: int, *, trace, method, n_probes, probe, seed, batch_size, probe_batch, return_stderr,
+          default_rows: int) -> _Plan:
     if trace not in FLIPD_TRACES:
         raise ValueError(f"trace must be one of {FLIPD_TRACES}, got {trace!r}")
     if method not in FLIPD_METHODS:
@@ -83,13 +94,20 @@ def _plan(d: int, B: int, *, trace, method, n_probes, probe, seed, batch_size, p
         raise ValueError(f"probe must be one of {sorted(PROBE_KINDS)}, got {probe!r}")
     n_probes = _check_int(n_probes, "n_probes", 1)
     seed = _check_int(seed, "seed", 0)
-    batch_size = B if batch_size is None else _check_int(batch_size, "batch_size", 1)
+    if batch_size is None:
+        # default_rows: network rows that fit the memory budget with a backward pass
+        # (default_batch_size); one row per sample in the Hutchinson-vjp path
+        batch_size, rows = min(B, default_rows), default_rows
+    else:
+        batch_size = _check_int(batch_size, "batch_size", 1)
+        rows = max(batch_size, _DEFAULT_ROWS)
     probe_batch = None if probe_batch is None else _check_int(probe_batch, "probe_batch", 1)
     if trace == "auto":
         trace = "exact" if d <= EXACT_TRACE_MAX_DIM else "hutchinson"
     if return_stderr and trace == "hutchinson" and n_probes < 2:
         raise ValueError("return_stderr needs n_probes >= 2 (a standard error from one probe is undefined)")
-    return _Plan(trace, method, n_probes, PROBE_KINDS[probe], seed, batch_size, probe_batch, bool(return_stderr))
+    return _Plan(trace, method, n_probes, PROBE_KINDS[probe], seed, batch_size, probe_batch, bool(return_stderr),
+                 rows)
 
 
 def _prepare(model, x, *, scheduler, cond, uncond, guidance_scale, prediction_type, encode, sample_ids):
@@ -111,7 +129,12 @@ def _prepare(model, x, *, scheduler, cond, uncond, guidance_scale, prediction_ty
         if lo < -1.001 or hi > 1.001:
             raise ValueError(f"x must be images in [-1, 1] when model is a pipeline, got values in [{lo:.3g}, "
                              f"{hi:.3g}] (pass encode=False if x is already in the network's space)")
-        z = res.encode(xt.to(work))
+        # the VAE in chunks sized from its parameters and the image size (halved on OOM)
+        enc = getattr(res.pipeline, "vae", None) or res.denoiser.model
+        xw = xt.to(work)
+        z = torch.cat(run_chunked(lambda a, b: res.encode(xw[a:b]), B, what="the pipeline's image encoder",
+                                  batch_size=default_batch_size(enc, tuple(xt.shape[1:]), device=model_device(enc))))
+        check_finite_output(z, what="the VAE latents of x", dim=0)
     else:
         z = xt
     net = res.denoiser.model
@@ -148,16 +171,18 @@ def _call_checked(fn, inp, *, jvp_mode: bool = False):
     """Run fn and turn a failure of the network on this input into a clear error."""
     try:
         return fn(inp)
-    except torch.OutOfMemoryError:
-        raise
     except (RuntimeError, IndexError) as e:
+        if is_oom(e):
+            raise
         raise ValueError(f"the model failed on input of shape {tuple(inp.shape)}: does x fit the model? "
                          f"({type(e).__name__}: {e})") from e
 
 
 def _chunk_terms(res: ResolvedModel, z: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, n_total: int,
-                 t0: float, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(|eps|^2 [b], trace of J_eps [b], probe dots [P, b] or None) at psi(t0) z[rows]."""
+                 t0: float, plan: _Plan, max_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(|eps|^2 [b], trace of J_eps [b], probe dots [P, b] or None) at psi(t0) z[rows]
+    (rows: consecutive positions of x); replicated calls take at most max_rows rows.
+    A non-finite eps raises NonFiniteOutputError with the positions in x."""
     den = res.denoiser
     psi, sigma, ts = den.coefficients(t0, z.device)
     x_t = psi * z.index_select(0, rows)
@@ -175,12 +200,15 @@ def _chunk_terms(res: ResolvedModel, z: torch.Tensor, rows: torch.Tensor, ids: t
 
     gen = kernel("hutchinson_probes", z.device)
     reduce = kernel("hutchinson_reduce", z.device)
+    what = f"the network's noise prediction at t0={t0:g}"
+    first = int(rows[0])
 
     if plan.trace == "hutchinson" and plan.method == "vjp":
         f = eps_of(1)
         xin = x_t.detach().requires_grad_(True)
         with torch.enable_grad():
             eps = _call_checked(f, xin)
+        check_finite_output(eps, what=what, offset=first)
         sq = eps.detach().reshape(b, -1).to(torch.float64).pow(2).sum(1)
         dots = []
         for p in range(plan.n_probes):
@@ -192,8 +220,7 @@ def _chunk_terms(res: ResolvedModel, z: torch.Tensor, rows: torch.Tensor, ids: t
 
     # replicated rows: `rep` copies of the chunk per network call, one per probe / basis vector
     n_vec = d if plan.trace == "exact" else plan.n_probes
-    rows_cap = plan.batch_size if plan.probe_batch is None else plan.probe_batch * b
-    rows_cap = max(rows_cap, _DEFAULT_ROWS) if plan.probe_batch is None else rows_cap
+    rows_cap = max_rows if plan.probe_batch is None else plan.probe_batch * b
     per_call = max(1, min(n_vec, rows_cap // b))
     sq = None
     acc = []
@@ -215,6 +242,8 @@ def _chunk_terms(res: ResolvedModel, z: torch.Tensor, rows: torch.Tensor, ids: t
             with torch.enable_grad():
                 eps = _call_checked(f, xin)
                 (av,) = torch.autograd.grad(eps, xin, V)
+        # copy j of sample i is row j b + i
+        check_finite_output(eps, what=what, index=first + torch.arange(eps.shape[0]) % b)
         if sq is None:
             sq = eps[:b].detach().reshape(b, -1).to(torch.float64).pow(2).sum(1)
         av = av.detach().reshape(rep, b, d)
@@ -234,9 +263,9 @@ def _jvp(model, f, X, V):
     try:
         with forward_ad_safe(model):
             return torch.func.jvp(f, (X,), (V,))
-    except torch.OutOfMemoryError:
-        raise
     except (RuntimeError, NotImplementedError) as e:
+        if is_oom(e):
+            raise
         try:
             with torch.no_grad():
                 f(X[:1] if X.shape[0] > 0 else X)
@@ -250,23 +279,35 @@ def _jvp(model, f, X, V):
                          f"({type(e).__name__}: {e})") from e
 
 
-def _run(res: ResolvedModel, z: torch.Tensor, ids: torch.Tensor, t0s: Sequence[float], plan: _Plan):
+def _run(res: ResolvedModel, z: torch.Tensor, ids: torch.Tensor, t0s: Sequence[float], plan: _Plan,
+         out_dtype: torch.dtype):
+    """FLIPD [B, T] and standard errors [B, T] (float64), chunk by chunk of samples
+    (halved on out-of-memory, the replicated rows per call with it)."""
     B = z.shape[0]
     d = z[0].numel()
     T = len(t0s)
-    out = torch.empty(B, T, dtype=torch.float64)
-    se = torch.zeros(B, T, dtype=torch.float64)
-    for s0 in range(0, B, plan.batch_size):
-        rows = torch.arange(s0, min(B, s0 + plan.batch_size), device=z.device)
+
+    def chunk(s0: int, s1: int):
+        rows = torch.arange(s0, s1, device=z.device)
         cid = ids.index_select(0, rows)
+        n = s1 - s0
+        max_rows = plan.rows if n >= plan.batch_size else max(n, plan.rows * n // plan.batch_size)
+        out = torch.empty(n, T, dtype=torch.float64)
+        se = torch.zeros(n, T, dtype=torch.float64)
         for j, t0 in enumerate(t0s):
             sigma = float(res.denoiser.schedule.psi_sigma(t0)[1])
-            sq, tr, dots = _chunk_terms(res, z, rows, cid, B, t0, plan)
+            sq, tr, dots = _chunk_terms(res, z, rows, cid, B, t0, plan, max_rows)
             val = d - sigma * tr + sq
-            out[s0:s0 + len(rows), j] = val.cpu()
+            # finite in float64 but not in the returned dtype (|eps|^2 of huge outputs) is an overflow too
+            check_finite_output(val.to(out_dtype), what=f"FLIPD at t0={t0:g} (d - sigma tr J + |eps|^2, in "
+                                f"{str(out_dtype).replace('torch.', '')})", offset=s0)
+            out[:, j] = val.cpu()
             if plan.return_stderr and dots is not None:
-                se[s0:s0 + len(rows), j] = (sigma * dots.std(0, unbiased=True) / math.sqrt(dots.shape[0])).cpu()
-    return out, se
+                se[:, j] = (sigma * dots.std(0, unbiased=True) / math.sqrt(dots.shape[0])).cpu()
+        return out, se
+
+    parts = run_chunked(chunk, B, batch_size=plan.batch_size, what="flipd")
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def flipd(model, x, t0: float = 0.05, *, scheduler=None, cond=None, uncond=None, guidance_scale=None,
@@ -299,7 +340,11 @@ def flipd(model, x, t0: float = 0.05, *, scheduler=None, cond=None, uncond=None,
         method: "vjp" (default; reverse mode, works for every diffusers network)
             or "jvp" (forward mode; a RuntimeError says so where torch cannot do it).
         seed: probe key; with ``sample_ids`` it fixes every probe.
-        batch_size: samples per chunk (default: all B at once). Results do not depend on it.
+        batch_size: samples per chunk (default: the rows that fit the memory budget with a
+            backward pass, :func:`~mmh_fast.models.batching.default_batch_size` of the
+            network and the sample shape, x2 passes under guidance; at most B). On
+            out-of-memory the chunk is halved and retried, with a warning. Results do not
+            depend on it.
         sample_ids: [B] non-negative integer ids keying each sample's probes (default:
             the index in x). Give stable dataset ids to make values reproducible across runs
             that batch or order the data differently.
@@ -314,6 +359,10 @@ def flipd(model, x, t0: float = 0.05, *, scheduler=None, cond=None, uncond=None,
         FLIPD values [B] (float32; float64 for float64 x), on x's device, and with
         ``return_stderr`` their standard errors [B]. Values need not be integers
         and can be negative; low values mean low LID (memorization, Sec. 4.1).
+
+    Raises:
+        NonFiniteOutputError: (a ValueError) the network's eps, or a FLIPD value in the
+            returned dtype, is NaN / inf; ``.positions`` are the affected samples of x.
     """
     t0 = check_t(t0, "t0")
     out = _flipd_many(model, x, [t0], scheduler=scheduler, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
@@ -348,10 +397,13 @@ def _flipd_many(model, x, t0s, *, scheduler=None, cond=None, uncond=None, guidan
     res, z, ids, back, out_dev = _prepare(model, x, scheduler=scheduler, cond=cond, uncond=uncond,
                                           guidance_scale=guidance_scale, prediction_type=prediction_type,
                                           encode=encode, sample_ids=sample_ids)
+    net = res.denoiser.model
+    rows = default_batch_size(net, tuple(z.shape[1:]), passes=1 if res.guidance_scale is None else 2,
+                              backward=True, device=z.device)
     plan = _plan(z[0].numel(), z.shape[0], trace=trace, method=method, n_probes=n_probes, probe=probe, seed=seed,
-                 batch_size=batch_size, probe_batch=probe_batch, return_stderr=return_stderr)
-    vals, se = _run(res, z, ids, t0s, plan)
+                 batch_size=batch_size, probe_batch=probe_batch, return_stderr=return_stderr, default_rows=rows)
     dt = torch.float64 if z.dtype == torch.float64 else torch.float32
+    vals, se = _run(res, z, ids, t0s, plan, dt)
     vals = back(vals.to(dt).to(out_dev))
     if return_stderr:
         return vals, back(se.to(dt).to(out_dev))
