@@ -61,3 +61,8 @@ __all__ += ["norm_alignment_score", "NormAlignment", "adapt_prompt_embedding"]
 from .maps import curvature_difference_map, map_localization, score_difference_map  # noqa: E402
 
 __all__ += ["curvature_difference_map", "score_difference_map", "map_localization"]
+from .attention import (cross_attention_entropy, cross_attention_layers,  # noqa: E402
+                        cross_attention_probabilities, generate_attention_rescaled)
+
+__all__ += ["cross_attention_entropy", "cross_attention_probabilities", "cross_attention_layers",
+            "generate_attention_rescaled"]
