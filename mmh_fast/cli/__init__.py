@@ -3,7 +3,8 @@
 Commands: ``scan`` (per-image memorization metrics over a dataset), ``merge``
 (gather a scan's parts into results.parquet), ``lid-data`` (LID_* of the data,
 keyed like the scan), ``classify`` (OD-Mem / DD-Mem from both), ``report``
-(figures and an HTML or Markdown page), ``metrics`` (list the metrics), ``demo``.
+(figures and an HTML or Markdown page), ``train`` (a small diffusion model of your
+images), ``metrics`` (list the metrics), ``demo``.
 Exit codes: 0 fine, 1 failed (or interrupted), 2 bad arguments or inputs.
 """
 from __future__ import annotations
@@ -49,6 +50,12 @@ def _cmd_scan(args) -> int:
     env = os.environ.get("MMH_FAST_PLUGINS")
     if env:
         plugins = [p for p in env.split(",") if p] + plugins
+    from .loader import TOY_MODELS
+
+    if args.model in TOY_MODELS and not args.quiet:
+        print(f"mmh-fast scan: warning: {args.model} has random weights: it exercises the pipeline, but its LIDs "
+              "say nothing about your data (toy-ddpm's FLIPD is ~3600, above d = 3072). Train a model of your "
+              "images with `mmh-fast train`, or pass a real one.", file=sys.stderr)
     cfg = ScanConfig(data=args.data, out=args.out, model=args.model,
                      metrics=[m for m in args.metrics.split(",")] if args.metrics else None, t0=args.t0,
                      n_probes=args.n_probes, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
@@ -91,7 +98,7 @@ def _cmd_classify(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from .writer import merge
+    from .writer import describe_errors, merge
 
     s = merge(args.dir)
     if not args.quiet:
@@ -99,7 +106,8 @@ def _cmd_merge(args) -> int:
             print(f"note: {note}", file=sys.stderr)
         state = "complete" if s["complete"] else (
             f"INCOMPLETE: {s['units_complete']}/{s['units_total'] if s['units_total'] is not None else '?'} units")
-        print(f"{s['path']}: {s['rows']} rows, {s['errors']} with errors ({state})", file=sys.stderr)
+        print(f"{s['path']}: {s['rows']} rows, {s['errors']} with errors ({state}){describe_errors(s)}",
+              file=sys.stderr)
     return 0
 
 
@@ -107,9 +115,21 @@ def _cmd_report(args) -> int:
     from .report import make_report
 
     path = make_report(args.results, out=args.out, labels=args.labels, fmt=args.format, positive=args.positive,
-                       top=args.top, lid_metric=args.lid_metric)
+                       top=args.top, lid_metric=args.lid_metric, classes=args.classes,
+                       generations=args.generations, image_size=args.image_size, warn=not args.quiet)
     if not args.quiet:
         print(path)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .train import TrainConfig, run_train
+
+    run_train(TrainConfig(data=args.data, out=args.out, arch=args.arch, image_size=args.image_size, steps=args.steps,
+                          batch_size=args.batch_size, lr=args.lr, width=args.width, t_power=args.t_power,
+                          weights=args.weights, device=args.device, seed=args.seed, limit=args.limit,
+                          image_column=args.image_column, key_column=args.key_column, progress=args.progress,
+                          quiet=args.quiet, overwrite=args.overwrite))
     return 0
 
 
@@ -135,9 +155,19 @@ def _positive_int(text):
     return v
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors about one argument's value (``--batch-size 0``)
+    are one line, without the usage block; other errors (a missing argument, an
+    unknown command) keep the usage, which then helps."""
+
+    def error(self, message):
+        if message.startswith("argument ") and "invalid choice" not in message:
+            self.exit(2, f"{self.prog}: error: {message}\n")
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmh-fast", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="mmh-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="run the memorization analysis end to end on embedded data",
@@ -162,13 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", metavar="MODEL",
                    help="a local diffusers pipeline directory (SD 1.x/2.x, DDPM, DDIM; nothing is downloaded) "
                         "or a built-in toy model with random weights: toy-ddpm (unconditional pixels), toy-sd (a tiny "
-                        "Stable Diffusion)")
+                        "Stable Diffusion). The toys only exercise the pipeline: their LIDs mean nothing (toy-ddpm's "
+                        "FLIPD is ~3600, above d = 3072); `mmh-fast train` makes a real model of your images")
     s.add_argument("--data", required=True, metavar="SOURCE", help="the images (see above)")
     s.add_argument("--out", required=True, metavar="DIR", help="output directory (resumed when it exists)")
     s.add_argument("--metrics", metavar="M1,M2",
                    help="comma-separated metrics (`mmh-fast metrics` lists them; default: flipd,png with a "
-                        "model, png without)")
-    s.add_argument("--t0", type=float, default=0.01, help="diffusion time of the LID estimators (default: %(default)s)")
+                        "model, png without). Cost: flipd about 2.5 network passes per image; nb 4d network "
+                        "calls per image (d = pixel or latent entries: ~44 s per 32x32 RGB image on a 2-core "
+                        "CPU; --option nb.n_samples=K for K calls), with progress per image")
+    s.add_argument("--t0", type=float, default=None,
+                   help="diffusion time for EVERY metric, overriding each one's own default (the paper's: "
+                        "flipd and flipd_cond 0.05, nb 0.1, cfg_norm_train 0.01 with n_euler 3; 0.01 for plugin "
+                        "metrics); set one metric's with --option NAME.t0=VALUE. The effective values are "
+                        "recorded in DIR/scan.json and the results' metadata")
     s.add_argument("--n-probes", type=_positive_int, default=1, help="Hutchinson probes per image (default: 1)")
     s.add_argument("--batch-size", type=_positive_int, default=16,
                    help="images per model batch; halved automatically on CUDA out-of-memory (default: 16)")
@@ -194,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--caption-column", help="table sources: the caption column (default: auto)")
     s.add_argument("--key-column", help="table sources: a unique key column (default: key/id, else the row number)")
     s.add_argument("--option", action="append", metavar="NAME=VALUE",
-                   help="a metric option (e.g. guidance_scale=7.5); repeatable")
+                   help="a metric setting: SETTING=VALUE for every metric that reads it (e.g. guidance_scale=7.5), "
+                        "METRIC.SETTING=VALUE for one (e.g. flipd.t0=0.05, nb.n_samples=256); repeatable")
     s.add_argument("--plugin", action="append", metavar="MODULE",
                    help="import a module or .py file that registers metrics (also $MMH_FAST_PLUGINS); repeatable")
     s.add_argument("--no-merge", action="store_true", help="leave the parts unmerged at the end")
@@ -282,8 +320,56 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--positive", help="the label counted as memorized in ROC curves (default: inferred)")
     r.add_argument("--top", type=_positive_int, default=16, help="images in the lowest-LID grid (default: 16)")
     r.add_argument("--lid-metric", help="metric of the lowest-LID grid (default: flipd, nb or the first LID metric)")
-    r.add_argument("--quiet", action="store_true", help="print nothing on success")
+    r.add_argument("--classes", metavar="FILE",
+                   help="classes.parquet of `mmh-fast classify`: the MMH scatter (LID_theta against LID_*) and "
+                        "class counts (default: the classes.parquet beside RESULTS, when there is one)")
+    r.add_argument("--generations", metavar="SOURCE",
+                   help="generated images (a folder or any scan source): each shown next to its nearest training "
+                        "image (the results' images, read in full) with the calibrated l2")
+    r.add_argument("--image-size", type=_positive_int,
+                   help="side at which generations and training images are compared (default: the scan's image "
+                        "size, else the first generated image's)")
+    r.add_argument("--quiet", action="store_true", help="print nothing on success (warnings included)")
     r.set_defaults(func=_cmd_report)
+
+    tr = sub.add_parser(
+        "train", help="train a small unconditional diffusion model on your images (for scan --model DIR)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a small unconditional diffusers model (DDPMScheduler, eps-prediction) on the images\n"
+        "of SOURCE (any source scan reads; RGB, resized and centre-cropped to --image-size, in [-1, 1] as\n"
+        "scan feeds models) and save it as a DDPMPipeline in DIR (save_pretrained), so that\n"
+        "`mmh-fast scan --model DIR` measures LID_theta with it. Meaningful for small datasets and for\n"
+        "studying duplication or oversampling in your own data; not a stand-in for the model you want to\n"
+        "audit. The images are held in memory.")
+    tr.add_argument("--data", required=True, metavar="SOURCE", help="the training images (as for scan)")
+    tr.add_argument("--out", required=True, metavar="DIR", help="where the pipeline is saved")
+    tr.add_argument("--arch", choices=["unet", "mlp"], default="unet",
+                    help="unet: a small UNet2DModel (default); mlp: a residual MLP on the pixels, far cheaper "
+                         "per step on tiny images (e.g. 8 x 8), no convolutional prior")
+    tr.add_argument("--image-size", type=_positive_int, default=32, help="training resolution (default: 32)")
+    tr.add_argument("--steps", type=_positive_int, default=2000, help="optimiser steps (default: 2000)")
+    tr.add_argument("--batch-size", type=_positive_int, default=64, help="images per step (default: 64)")
+    tr.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, warm-up then cosine "
+                                                           "(default: 1e-3)")
+    tr.add_argument("--width", type=_positive_int, default=64,
+                    help="unet: channels of the top level (a multiple of 8); mlp: hidden width (default: 64)")
+    tr.add_argument("--t-power", type=float, default=2.0,
+                    help="training times t = u^p, u ~ U(0,1): p > 1 favours the small times at which LID is "
+                         "measured (default: 2)")
+    tr.add_argument("--weights", metavar="FILE",
+                    help="CSV/Parquet of key -> sampling weight (columns key, weight): an image of weight w is "
+                         "drawn as often as w copies would be (oversampling without duplicate files); "
+                         "unlisted keys weigh 1")
+    tr.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    tr.add_argument("--seed", type=int, default=0, help="seeds the weights, minibatches and noise (default: 0)")
+    tr.add_argument("--limit", type=_positive_int, help="train on the first N images of SOURCE only")
+    tr.add_argument("--image-column", help="table sources: the image column (default: auto)")
+    tr.add_argument("--key-column", help="table sources: the key column (default: key/id, else the row number)")
+    tr.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto",
+                    help="a bar on a terminal, log lines otherwise (default: auto)")
+    tr.add_argument("--overwrite", action="store_true", help="replace a model already in DIR")
+    tr.add_argument("--quiet", action="store_true", help="print only errors")
+    tr.set_defaults(func=_cmd_train)
 
     ls = sub.add_parser("metrics", help="list the available metrics", description="List the registered metrics.")
     ls.add_argument("--plugin", action="append", metavar="MODULE", help="import a plugin module first; repeatable")

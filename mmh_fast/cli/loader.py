@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 from dataclasses import dataclass
@@ -183,6 +184,12 @@ def _load_model(spec: str, *, device: torch.device, dtype: torch.dtype) -> Loade
         if not os.path.isfile(os.path.join(spec, "model_index.json")):
             raise UserError(f"model directory {spec!r} has no model_index.json: "
                             "expected a diffusers pipeline saved with save_pretrained()")
+        index = _read_json(os.path.join(spec, "model_index.json")) or {}
+        for entry in index.values():
+            # diffusers loads a component of a custom module only once that module is imported;
+            # ours (mmh-fast train --arch mlp saves mmh_fast.models.pixel_mlp.PixelMLP) are safe to import
+            if isinstance(entry, list) and entry and isinstance(entry[0], str) and entry[0].startswith("mmh_fast."):
+                importlib.import_module(entry[0])
         try:
             from diffusers import DiffusionPipeline
 

@@ -25,7 +25,7 @@ import numpy as np
 from .errors import UserError
 from .writer import META_KEY, RESULTS
 
-__all__ = ["roc_curve", "roc_auc", "tpr_at_fpr", "make_report", "load_results", "load_labels"]
+__all__ = ["roc_curve", "roc_auc", "tpr_at_fpr", "make_report", "load_results", "load_labels", "read_table"]
 
 _NEGATIVE_WORDS = {"none", "not", "not_memorized", "not memorized", "negative", "neg", "clean", "false", "no", "0",
                    "normal", "unmemorized", "non-memorized", "generalized", "generalised"}
@@ -93,32 +93,49 @@ def load_results(path: str):
     return table, meta
 
 
-def load_labels(path: str) -> dict:
-    """key -> label (as str) from a CSV or Parquet file with 'key' and 'label' columns
-    (or, lacking those names, its first two columns)."""
+def read_table(path: str, *, what: str):
+    """A CSV or Parquet file as a pyarrow table; ``what`` names the option in errors."""
     if not os.path.isfile(path):
-        raise UserError(f"labels file {path!r} does not exist")
+        raise UserError(f"{what} file {path!r} does not exist")
     try:
         if path.lower().endswith((".parquet", ".pq")):
             import pyarrow.parquet as pq
 
-            t = pq.read_table(path)
-        else:
-            import pyarrow.csv as pcsv
+            return pq.read_table(path)
+        import pyarrow.csv as pcsv
 
-            t = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(strings_can_be_null=False))
+        return pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(strings_can_be_null=False))
     except Exception as exc:
-        raise UserError(f"cannot read labels {path!r}: {exc}") from None
+        raise UserError(f"cannot read {what} {path!r}: {exc}") from None
+
+
+# image columns of common labelling tools, tried after 'key': Hugging Face's metadata.csv
+# names the image file (relative to its folder, extension included: a folder scan's key)
+_LABEL_KEY_COLUMNS = ("key", "file_name")
+
+
+def load_labels(path: str) -> dict:
+    """key -> label (as str) from a CSV or Parquet file: the key column is 'key', else
+    'file_name' (Hugging Face's metadata.csv: the image's path relative to the folder,
+    which is the key a folder scan gives it), else the first column; the label column
+    is 'label', else the first other column."""
+    t = read_table(path, what="labels")
     names = t.column_names
-    if "key" in names and "label" in names:
-        kc, lc = "key", "label"
-    elif len(names) >= 2:
-        kc, lc = names[0], names[1]
-    else:
+    kc = next((c for c in _LABEL_KEY_COLUMNS if c in names), names[0] if names else None)
+    others = [c for c in names if c != kc]
+    lc = "label" if "label" in others else (others[0] if others else None)
+    if kc is None or lc is None:
         raise UserError(f"labels {path!r} need a key and a label column; found {names}")
     keys = [str(k) for k in t.column(kc).to_pylist()]
     labels = [None if v is None else str(v) for v in t.column(lc).to_pylist()]
     return {k: v for k, v in zip(keys, labels) if v is not None}
+
+
+def _no_match_message(what, path, theirs, ours) -> str:
+    ex = lambda keys: ", ".join(repr(k) for k in list(keys)[:3]) or "none"  # noqa: E731
+    return (f"no key of {what} {path!r} matches a key of the results: {what} keys look like {ex(theirs)}; "
+            f"results keys look like {ex(ours)} (a folder scan's key is the image's path relative to the "
+            "folder, extension included)")
 
 
 def _positive_classes(classes, positive):
@@ -136,6 +153,41 @@ def _positive_classes(classes, positive):
     return None
 
 
+# --------------------------------------------------------------------------- what a metric is
+# What each built-in column measures, for titles and axis labels; the settings that
+# determine its value are appended from the results' metadata.
+_METRIC_NAMES = {
+    "flipd": "FLIPD LID_theta",
+    "flipd_cond": "FLIPD LID_theta(x | caption)",
+    "nb": "normal-bundle LID_theta",
+    "png": "PNG complexity (bytes)",
+    "cfg_norm_train": "CFG-vector norm",
+    "lpca": "local PCA LID_*",
+    "lid_data": "local PCA LID_*",
+}
+_TIMED = {"flipd", "flipd_cond", "nb", "cfg_norm_train"}  # metrics read off at a diffusion time t0
+
+
+def metric_title(name: str, meta: dict) -> str:
+    """What column ``name`` is, e.g. "FLIPD LID_theta, t0 = 0.05": the metric's own
+    recorded settings (``meta["metrics"][name]``: t0, k, rule) first, then the scan's
+    ``--t0`` for the metrics that have one."""
+    mm = (meta.get("metrics") or {}).get(name) or {}
+    st = meta.get("settings") or {}
+    parts = []
+    t0 = mm.get("t0", st.get("t0") if name in _TIMED else None)
+    if t0 is not None:
+        parts.append(f"t0 = {_fmt(float(t0))}")
+    for k in ("rule", "k"):
+        if mm.get(k) is not None:
+            parts.append(f"{k} = {mm[k]}")
+    base = _METRIC_NAMES.get(name)
+    if base is None:
+        desc = mm.get("description")
+        base = f"{name}: {_short(desc, 60)}" if desc else name
+    return ", ".join([base] + parts)
+
+
 # --------------------------------------------------------------------------- figures
 def _plt():
     import matplotlib
@@ -151,7 +203,17 @@ def _save(fig, path):
     _plt().close(fig)
 
 
-def _hist(name, values, groups, path, direction):
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "x", "P", "*")
+
+
+def curve_style(i: int) -> dict:
+    """Line style and marker of the i-th curve: no two of the first 8 curves share
+    both, so curves that coincide stay distinguishable."""
+    return {"ls": _LINESTYLES[i % len(_LINESTYLES)], "marker": _MARKERS[i % len(_MARKERS)]}
+
+
+def _hist(title, values, groups, path, direction):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     finite = values[np.isfinite(values)]
@@ -159,25 +221,29 @@ def _hist(name, values, groups, path, direction):
     if len(edges) > 61:
         edges = np.linspace(finite.min(), finite.max(), 61)
     if groups:
-        for label, mask in groups.items():
+        hatches = (None, "//", "\\\\", "xx", "..")
+        for i, (label, mask) in enumerate(groups.items()):
             v = values[mask & np.isfinite(values)]
             if v.size:
-                ax.hist(v, bins=edges, density=True, alpha=0.5, label=f"{label} (n={v.size})")
+                ax.hist(v, bins=edges, density=True, alpha=0.5, label=f"{label} (n={v.size})",
+                        hatch=hatches[i % len(hatches)], histtype="stepfilled", edgecolor="k", linewidth=0.6)
         ax.legend(fontsize=8)
     else:
         ax.hist(finite, bins=edges, density=True, alpha=0.8, color="tab:blue")
-    ax.set_xlabel(f"{name} ({direction})")
+    ax.set_xlabel(f"{title} ({direction})")
     ax.set_ylabel("density")
-    ax.set_title(name)
+    ax.set_title(title, fontsize=10)
     _save(fig, path)
 
 
 def _roc_figure(curves, path):
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, (fpr, tpr, auc, t1) in curves.items():
+    for i, (name, (fpr, tpr, auc, t1)) in enumerate(curves.items()):
+        style = curve_style(i)
         for ax in axes:
-            ax.plot(fpr, tpr, label=f"{name}: AUC {auc:.3f}, TPR@1% {t1:.3f}", drawstyle="default")
+            ax.plot(fpr, tpr, label=f"{name}: AUC {_fmt(auc)}, TPR@1% {_fmt(t1)}", ls=style["ls"],
+                    marker=style["marker"], markevery=max(1, len(fpr) // 12), markersize=4, alpha=0.85)
     diag = np.logspace(-3, 0, 50)
     for ax in axes:
         ax.plot(diag, diag, color="0.7", lw=0.8, ls="--")  # chance
@@ -192,7 +258,8 @@ def _roc_figure(curves, path):
     _save(fig, path)
 
 
-def _thumb_grid(rows, name, path):
+def _thumb_grid(rows, name, title, path):
+    """rows: (image, key, value, caption, positive label or None); positives get a red frame."""
     plt = _plt()
     n = len(rows)
     cols = min(8, n)
@@ -200,13 +267,78 @@ def _thumb_grid(rows, name, path):
     fig, axes = plt.subplots(nrows, cols, figsize=(1.9 * cols, 2.3 * nrows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (img, key, value, caption) in zip(axes.flat, rows):
+    for ax, (img, key, value, caption, pos) in zip(axes.flat, rows):
         ax.imshow(img)
-        ax.set_title(f"{_short(key, 22)}\n{name}={value:.3g}", fontsize=7)
+        ax.set_title(f"{_short(key, 22)}\n{name}={_fmt(value)}" + (f"\n[{pos}]" if pos else ""), fontsize=7,
+                     color="tab:red" if pos else "k")
+        if pos:
+            h, w = img.shape[:2]
+            ax.add_patch(_plt().Rectangle((-0.5, -0.5), w, h, fill=False, ec="tab:red", lw=3))
         if caption:
             ax.text(0.5, -0.04, _short(caption, 40), fontsize=6, ha="center", va="top", transform=ax.transAxes,
                     wrap=True)
-    fig.suptitle(f"lowest {name}", fontsize=10)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def _pairs_grid(pairs, path):
+    """pairs: (generated image, training image, generated key, training key, calibrated l2)."""
+    plt = _plt()
+    n = len(pairs)
+    cols = min(4, n)
+    nrows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, 2 * cols, figsize=(1.8 * 2 * cols, 2.1 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (g, t, gk, tk, c) in enumerate(pairs):
+        r, c0 = divmod(i, cols)
+        a, b = axes[r, 2 * c0], axes[r, 2 * c0 + 1]
+        a.imshow(g)
+        a.set_title(f"gen {_short(gk, 16)}\ncal. l2 = {_fmt(c)}", fontsize=7)
+        b.imshow(t)
+        b.set_title(f"nearest train\n{_short(tk, 18)}", fontsize=7)
+    fig.suptitle("generated image | its nearest training image (calibrated l2, low = copy)", fontsize=10)
+    _save(fig, path)
+
+
+_CLASS_STYLE = {"dd_mem": ("tab:red", "s"), "od_mem": ("tab:orange", "^"), "none": ("0.6", "o")}
+
+
+def _mmh_scatter(theta, star, colour_by, th, path, x_title, y_title):
+    """The MMH picture: LID_* (x) against LID_theta (y), one colour and marker per group,
+    with the classes' thresholds (the regions of classify_memorization) drawn."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    others = [c for c in colour_by if c not in _CLASS_STYLE]
+    for i, (group, mask) in enumerate(colour_by.items()):
+        colour, marker = _CLASS_STYLE.get(group, (f"C{others.index(group) % 10}" if group in others else "k",
+                                                  _MARKERS[i % len(_MARKERS)]))
+        if mask.any():
+            ax.scatter(star[mask], theta[mask], s=14, c=colour, marker=marker, alpha=0.7, edgecolors="none",
+                       label=f"{group} (n={int(mask.sum())})", zorder=3 if group != "none" else 2)
+    finite = np.isfinite(star) & np.isfinite(theta)
+    lo = float(min(star[finite].min(), theta[finite].min(), 0.0)) if finite.any() else 0.0
+    hi = float(max(star[finite].max(), theta[finite].max())) if finite.any() else 1.0
+    pad = 0.04 * (hi - lo or 1.0)
+    xs = np.linspace(lo - pad, hi + pad, 2)
+    ax.plot(xs, xs, color="0.75", lw=0.8, ls=":", label="LID_theta = LID_*")
+    m, low = th.get("margin"), th.get("low")
+    if m is not None:
+        ax.plot(xs, xs - m, color="tab:orange", lw=1.2, ls="--",
+                label=f"OD-Mem below: LID_theta < LID_* - {_fmt(m)}")
+    if low is not None:
+        # classify_memorization's DD-Mem region: LID_* <= low and LID_theta <= LID_* + margin
+        mm = m or 0.0
+        seg = np.array([lo - pad, low])
+        ax.plot(seg, seg + mm, color="tab:red", lw=1.2, ls="-.")
+        ax.plot([low, low], [lo - pad, low + mm], color="tab:red", lw=1.2, ls="-.",
+                label=f"DD-Mem inside: LID_* <= {_fmt(low)}, LID_theta <= LID_* + {_fmt(mm)}")
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xlabel(x_title)
+    ax.set_ylabel(y_title)
+    ax.set_title("MMH: model LID against data LID", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
     _save(fig, path)
 
 
@@ -217,9 +349,16 @@ def _short(text, n):
 
 # --------------------------------------------------------------------------- the report
 def _fmt(v, digits=4):
+    """Numbers with 4 significant digits (integers as they are); '-' for missing values."""
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "-"
-    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.{digits}g}"
+    return str(v)
 
 
 def _float_column(col, name):
@@ -233,12 +372,64 @@ def _float_column(col, name):
         raise UserError(f"column {name!r} is not numeric") from None
 
 
+def resolve_source(location: str, results_path: str) -> str:
+    """A ``source`` value as a path that resolves: as stored when it exists (absolute,
+    or relative to the working directory), else relative to the results file's folder."""
+    container = location.rpartition("::")[0] or location
+    if os.path.isabs(container) or os.path.exists(container):
+        return location
+    return os.path.join(os.path.dirname(os.path.abspath(results_path)), location)
+
+
+def _read_thumb(location, results_path, image_col, size=128):
+    from .sources import read_image_at
+
+    img = read_image_at(resolve_source(location, results_path), image_column=image_col).convert("RGB")
+    img.thumbnail((size, size))
+    return np.asarray(img)
+
+
+class _Notes:
+    """The report's warnings: on the page, and on stderr as they happen."""
+
+    def __init__(self, echo):
+        self.items, self.echo = [], echo
+
+    def __call__(self, msg):
+        self.items.append(msg)
+        if self.echo:
+            import sys
+
+            print(f"mmh-fast report: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _results_path(results):
+    return os.path.join(results, RESULTS) if os.path.isdir(results) else results
+
+
 def make_report(results: str, *, out: str, labels: str | None = None, fmt: str = "html",
-                positive: str | None = None, top: int = 16, lid_metric: str | None = None) -> str:
-    """Write the figures and the page; returns the page's path."""
+                positive: str | None = None, top: int = 16, lid_metric: str | None = None,
+                classes: str | None = None, generations: str | None = None, image_size: int | None = None,
+                warn: bool = True) -> str:
+    """Write the figures and the page; returns the page's path.
+
+    Args:
+        results: results.parquet or the scan directory holding it.
+        labels: CSV/Parquet of key -> label (ground truth), or None.
+        classes: classes.parquet of ``mmh-fast classify`` (default: the one beside the
+            results, when there is one): the MMH scatter and the class counts.
+        generations: a source of generated images (any scan source): each is shown
+            next to its nearest training image (the results' images) with Carlini
+            et al.'s calibrated l2 (:func:`mmh_fast.retrieval.calibrated_l2`).
+        image_size: the side at which generations and training images are compared
+            (default: the scan's image size, else the first generated image's).
+        warn: also print the page's warnings on stderr.
+    """
     if fmt not in ("html", "md"):
         raise UserError(f"--format must be html or md, got {fmt!r}")
+    notes = _Notes(warn)
     table, meta = load_results(results)
+    rpath = _results_path(results)
     if table.num_rows == 0:
         raise UserError(f"{results!r} holds no rows")
     os.makedirs(out, exist_ok=True)
@@ -250,35 +441,35 @@ def make_report(results: str, *, out: str, labels: str | None = None, fmt: str =
     lower = {n: bool(mmeta.get(n, {}).get("lower_is_memorized", True)) for n in metrics}
     keys = [str(k) for k in table.column("key").to_pylist()]
     cols = {n: _float_column(table.column(n), n) for n in metrics}
+    titles = {n: metric_title(n, meta) for n in metrics}
 
-    groups, pos_classes, label_note = {}, None, None
+    groups, pos_classes, assigned = {}, None, None
     if labels:
         lab = load_labels(labels)
         assigned = [lab.get(k) for k in keys]
-        classes = sorted({a for a in assigned if a is not None})
-        if not classes:
-            raise UserError(f"no key of {labels!r} matches a key of the results")
-        groups = {c: np.array([a == c for a in assigned]) for c in classes}
-        pos_classes = _positive_classes(classes, positive)
+        label_set = sorted({a for a in assigned if a is not None})
+        if not label_set:
+            raise UserError(_no_match_message("labels", labels, lab, keys))
+        groups = {c: np.array([a == c for a in assigned]) for c in label_set}
+        pos_classes = _positive_classes(label_set, positive)
         n_unl = sum(a is None for a in assigned)
         if n_unl:
-            label_note = f"{n_unl} results rows have no label and are left out of the ROC curves."
+            notes(f"{n_unl} results rows have no label and are left out of the ROC curves.")
         if pos_classes is None:
-            label_note = ((label_note + " ") if label_note else "") + (
-                f"Labels {', '.join(classes)}: which one means memorized is not clear; pass --positive.")
+            notes(f"Labels {', '.join(label_set)}: which one means memorized is not clear; pass --positive.")
 
     figures, summary, curves = [], [], {}
     for n in metrics:
         v = cols[n]
         finite = np.isfinite(v)
         direction = "low = memorized" if lower[n] else "high = memorized"
-        row = {"metric": n, "direction": direction, "n": int(finite.sum())}
+        row = {"metric": n, "what": titles[n], "direction": direction, "n": int(finite.sum())}
         if finite.any():
             row.update(mean=float(v[finite].mean()), median=float(np.median(v[finite])),
                        min=float(v[finite].min()), max=float(v[finite].max()))
             p = os.path.join(out, f"hist_{n}.png")
-            _hist(n, v, groups, p, direction)
-            figures.append((f"Density of {n}" + (" by label" if groups else ""), p))
+            _hist(titles[n], v, groups, p, direction)
+            figures.append((f"Density of {titles[n]}" + (" by label" if groups else ""), p))
         for c, mask in groups.items():
             sel = mask & finite
             row[f"mean[{c}]"] = float(v[sel].mean()) if sel.any() else None
@@ -301,51 +492,191 @@ def make_report(results: str, *, out: str, labels: str | None = None, fmt: str =
         _roc_figure(curves, p)
         figures.append((f"ROC curves ({' + '.join(sorted(pos_classes))} = positive)", p))
 
-    # ---- the lowest-LID images
+    image_col = (meta.get("source") or {}).get("image_column")
+    sources = table.column("source").to_pylist() if "source" in table.column_names else None
+
+    # ---- the MMH classes
+    class_info = _classes_section(classes, rpath, keys, groups, out, figures, notes)
+
+    # ---- the lowest-LID images, ground-truth positives marked
     lid = lid_metric or next((n for n in _LID_PREFERENCE if n in metrics), None) or next(
         (n for n in metrics if lower[n]), None)
     if lid is not None and lid not in metrics:
         raise UserError(f"--lid-metric {lid!r} is not a metric of the results ({', '.join(metrics)})")
-    lowest, thumb_note = [], None
-    if lid is not None and "source" in table.column_names:
-        from .sources import read_image_at
-
+    lowest = []
+    if lid is not None and sources is not None:
         v = cols[lid]
         order = [i for i in np.argsort(v, kind="mergesort") if np.isfinite(v[i])][:top]
-        sources = table.column("source").to_pylist()
         caps = table.column("caption").to_pylist() if "caption" in table.column_names else [None] * len(keys)
-        image_col = (meta.get("source") or {}).get("image_column")
-        missing = 0
+        missing = []
         for i in order:
+            pos = assigned[i] if assigned is not None and pos_classes and assigned[i] in pos_classes else None
             try:
-                img = read_image_at(sources[i], image_column=image_col).convert("RGB")
-                img.thumbnail((128, 128))
-                lowest.append((np.asarray(img), keys[i], float(v[i]), caps[i]))
-            except Exception:
-                missing += 1
+                lowest.append((_read_thumb(sources[i], rpath, image_col), keys[i], float(v[i]), caps[i], pos,
+                               assigned[i] if assigned is not None else None))
+            except Exception as exc:
+                missing.append((keys[i], sources[i], exc))
         if lowest:
             p = os.path.join(out, f"lowest_{lid}.png")
-            _thumb_grid(lowest, lid, p)
-            figures.append((f"The {len(lowest)} images with the lowest {lid}", p))
+            n_pos = sum(r[4] is not None for r in lowest)
+            _thumb_grid([r[:5] for r in lowest], lid, f"lowest {titles[lid]}", p)
+            figures.append((f"The {len(lowest)} images with the lowest {titles[lid]}"
+                            + (f"; {n_pos} of them labelled positive (red frame)" if pos_classes else ""), p))
         if missing:
-            thumb_note = f"{missing} of the lowest-{lid} images could not be read from their source."
+            k, s, exc = missing[0]
+            notes(f"{len(missing)} of the lowest-{lid} images could not be read from their source (first: "
+                  f"{k!r} at {s!r}: {type(exc).__name__}: {_short(exc, 120)}).")
+
+    # ---- generations next to their nearest training images
+    pairs = []
+    if generations:
+        if sources is None:
+            raise UserError(f"--generations needs the training images: {results!r} has no 'source' column")
+        pairs = _generation_pairs(generations, sources, keys, rpath, image_col, meta, image_size, top, notes)
+        if pairs:
+            p = os.path.join(out, "generations.png")
+            _pairs_grid([(g, t, gk, tk, c) for g, t, gk, tk, c, _ in pairs], p)
+            figures.append((f"The {len(pairs)} generated images closest to a training image (calibrated l2)", p))
 
     title = f"mmh-fast report: {os.path.basename(os.path.abspath(results))}"
     info = _info_lines(meta, table.num_rows, table.column("error").null_count if "error" in table.column_names
                        else table.num_rows, labels)
-    notes = [x for x in (label_note, thumb_note) if x]
-    low_rows = [(k, val, c) for _, k, val, c in lowest]
+    low_rows = [(k, val, c, lab_) for _, k, val, c, _, lab_ in lowest]
+    gen_rows = [(gk, tk, c, l2) for _, _, gk, tk, c, l2 in pairs]
+    sections = dict(title=title, info=info, summary=summary, figures=figures, notes=notes.items,
+                    lid=lid, lid_title=titles.get(lid), low_rows=low_rows, labelled=assigned is not None,
+                    classes=class_info, gen_rows=gen_rows)
     if fmt == "md":
         page = os.path.join(out, "report.md")
-        text = _markdown(title, info, summary, figures, notes, lid, low_rows, out)
+        text = _markdown(sections, out)
     else:
         page = os.path.join(out, "report.html")
-        text = _html(title, info, summary, figures, notes, lid, low_rows)
+        text = _html(sections)
     tmp = page + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, page)
     return page
+
+
+def _generation_pairs(spec, sources, keys, rpath, image_col, meta, image_size, top, notes):
+    """[(gen thumb, train thumb, gen key, train key, calibrated l2, l2)] of the ``top``
+    generations with the lowest calibrated l2, nearest = the exact nearest training
+    image in pixel space at ``image_size`` (float32 in [0, 1])."""
+    from ..retrieval import calibrated_l2
+    from .sources import LOCATION_SEP, decode_image, open_source, read_image_at
+
+    size = image_size or (meta.get("settings") or {}).get("image_size")
+    src = open_source(spec)
+    gkeys, garr = [], []
+    for unit in src.units:
+        for raw in src.iter_unit(unit):
+            try:
+                if raw.error is not None or raw.data is None:
+                    raise ValueError(raw.error or "no image")
+                if size is None:
+                    w, h = _open_size(raw.data)
+                    size = min(w, h)
+                arr, _, _ = decode_image(raw.data, size)
+            except Exception as exc:
+                notes(f"generated image {raw.key!r} could not be read ({type(exc).__name__}: {_short(exc, 80)})")
+                continue
+            gkeys.append(raw.key)
+            garr.append(arr)
+    if not garr:
+        raise UserError(f"--generations {spec!r}: no image could be read")
+    tkeys, tarr, bad = [], [], 0
+    for k, s in zip(keys, sources):
+        try:
+            loc = resolve_source(s, rpath)
+            if LOCATION_SEP in loc:  # inside a shard or table: re-encoded losslessly for decode_image
+                buf = io.BytesIO()
+                with read_image_at(loc, image_column=image_col) as img:
+                    img.convert("RGB").save(buf, format="PNG")
+                loc = buf.getvalue()
+            tarr.append(decode_image(loc, size)[0])
+            tkeys.append(k)
+        except Exception:
+            bad += 1
+    if bad:
+        notes(f"{bad} training images could not be read and are left out of the nearest-image search.")
+    if not tarr:
+        notes("no training image could be read: no generated image is compared with the training set.")
+        return []
+    g = np.stack(garr).reshape(len(garr), -1).astype(np.float32) / 255.0
+    t = np.stack(tarr).reshape(len(tarr), -1).astype(np.float32) / 255.0
+    n = min(50, len(tarr))
+    if n < 50:
+        notes(f"calibrated l2 over the {n} nearest training images (Carlini et al. use 50; the training set "
+              f"has {len(tarr)}).")
+    cl2, idx = calibrated_l2(g, t, n=n, return_indices=True)
+    cl2, idx = np.asarray(cl2, dtype=np.float64), np.asarray(idx, dtype=np.int64)
+    l2 = np.linalg.norm(g.astype(np.float64) - t[idx].astype(np.float64), axis=1)
+    order = np.argsort(cl2, kind="mergesort")[:top]
+    hwc = lambda a: a.transpose(1, 2, 0)  # noqa: E731
+    return [(hwc(garr[i]), hwc(tarr[idx[i]]), gkeys[i], tkeys[idx[i]], float(cl2[i]), float(l2[i]))
+            for i in order]
+
+
+def _open_size(data):
+    from .sources import _open_pil
+
+    return _open_pil(data).size
+
+
+def _classes_section(classes, rpath, keys, groups, out, figures, notes):
+    """The MMH scatter and the class counts from classes.parquet (None without one)."""
+    path = classes
+    if path is None:
+        beside = os.path.join(os.path.dirname(os.path.abspath(rpath)), "classes.parquet")
+        if not os.path.isfile(beside):
+            return None
+        path = beside
+    ct = read_table(path, what="--classes")
+    names = ct.column_names
+    need = {"key", "label", "lid_data"}
+    if not need <= set(names) or not {"lid_theta", "lid_theta_scaled"} & set(names):
+        raise UserError(f"--classes {path!r} is not a classes.parquet of `mmh-fast classify` (key, label, "
+                        f"lid_theta[_scaled], lid_data); its columns: {', '.join(names)}")
+    cmeta = json.loads((ct.schema.metadata or {}).get(META_KEY, b"{}"))
+    ckeys = [str(k) for k in ct.column("key").to_pylist()]
+    label = np.array([str(v) for v in ct.column("label").to_pylist()])
+    tcol = "lid_theta_scaled" if "lid_theta_scaled" in names else "lid_theta"  # the value compared
+    theta = _float_column(ct.column(tcol), tcol)
+    star = _float_column(ct.column("lid_data"), "lid_data")
+    th = {}
+    for col in ("scale", "margin", "low"):
+        v = cmeta.get(col)
+        if v is None and col in names and ct.num_rows:
+            v = float(_float_column(ct.column(col), col)[0])
+        th[col] = v
+    counts = {c: int((label == c).sum()) for c in ("od_mem", "dd_mem", "none")}
+    counts.update({c: int((label == c).sum()) for c in sorted(set(label.tolist())) if c not in counts})
+    metric = cmeta.get("model_metric")
+    y_title = metric_title(metric, {"metrics": {}, "settings": cmeta.get("scan_settings") or {}}) if metric \
+        else "LID_theta"
+    if th.get("scale") not in (None, 1.0):
+        y_title += f" (x {_fmt(th['scale'])}, onto the LID_* scale)"
+    ls = cmeta.get("lid_data_settings") or {}
+    x_title = ", ".join(["local PCA LID_*"] + [f"{k} = {ls[k]}" for k in ("rule", "k") if ls.get(k) is not None])
+    colour = {c: label == c for c in counts}
+    p = os.path.join(out, "mmh_scatter.png")
+    _mmh_scatter(theta, star, colour, th, p, x_title, y_title)
+    figures.append(("The MMH picture: LID_theta against LID_*, coloured by class, with the class thresholds", p))
+    if groups:
+        index = {k: i for i, k in enumerate(keys)}
+        rows = [index.get(k) for k in ckeys]
+        by_label = {}
+        for c, mask in groups.items():
+            by_label[c] = np.array([r is not None and bool(mask[r]) for r in rows])
+        if any(m.any() for m in by_label.values()):
+            p = os.path.join(out, "mmh_scatter_labels.png")
+            _mmh_scatter(theta, star, by_label, th, p, x_title, y_title)
+            figures.append(("The MMH picture coloured by the ground-truth labels", p))
+    matched = len(set(ckeys) & set(keys))
+    if matched < len(ckeys):
+        notes(f"{len(ckeys) - matched} of the {len(ckeys)} rows of {path!r} have no row in the results.")
+    return {"path": path, "counts": counts, "thresholds": th, "n": len(ckeys)}
 
 
 def _info_lines(meta, n_rows, n_ok, labels):
@@ -358,7 +689,7 @@ def _info_lines(meta, n_rows, n_ok, labels):
         lines.append(("data", f"{src.get('spec')} ({src.get('kind')})"))
     st = meta.get("settings") or {}
     if st:
-        lines.append(("settings", ", ".join(f"{k}={v}" for k, v in st.items() if k != "metrics")))
+        lines.append(("settings", ", ".join(f"{k}={_fmt(v)}" for k, v in st.items() if k != "metrics")))
     mg = meta.get("merge") or {}
     if mg and not mg.get("complete", True):
         lines.append(("WARNING", f"incomplete scan: {mg.get('units_complete')}/{mg.get('units_total')} units"))
@@ -369,7 +700,7 @@ def _info_lines(meta, n_rows, n_ok, labels):
 
 
 def _summary_columns(summary):
-    cols = ["metric", "direction", "n", "mean", "median", "min", "max"]
+    cols = ["metric", "what", "direction", "n", "mean", "median", "min", "max"]
     extra = []
     for row in summary:
         for k in row:
@@ -378,35 +709,54 @@ def _summary_columns(summary):
     return cols + sorted(extra, key=lambda k: (k.startswith("mean["), k))
 
 
-def _html(title, info, summary, figures, notes, lid, low_rows):
+def _tables(s):
+    """[(heading, header cells, rows of cells)] of the page's tables after the figures."""
+    out = []
+    if s["classes"]:
+        c, th = s["classes"], s["classes"]["thresholds"]
+        out.append(("Memorization classes", ["class", "count", "share"],
+                    [[k, _fmt(v), _fmt(v / max(1, c["n"]))] for k, v in c["counts"].items()]))
+        out.append(("Class thresholds", ["threshold", "value"], [[k, _fmt(v)] for k, v in th.items()
+                                                                 if v is not None and not isinstance(v, dict)]))
+    if s["low_rows"]:
+        head = ["key", s["lid"]] + (["label"] if s["labelled"] else []) + ["caption"]
+        rows = [[k, _fmt(v)] + ([lab or ""] if s["labelled"] else []) + [c or ""] for k, v, c, lab in s["low_rows"]]
+        out.append((f"Lowest {s['lid_title']}", head, rows))
+    if s["gen_rows"]:
+        out.append(("Generations and their nearest training images",
+                    ["generated", "nearest training image", "calibrated l2", "l2 (pixels in [0, 1])"],
+                    [[g, t, _fmt(c), _fmt(l2)] for g, t, c, l2 in s["gen_rows"]]))
+    return out
+
+
+def _html(s):
     e = html.escape
-    cols = _summary_columns(summary)
-    parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">", f"<title>{e(title)}</title>",
+    cols = _summary_columns(s["summary"])
+    parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">", f"<title>{e(s['title'])}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
              "text-align:right;font-size:13px}th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}"
              "figure{margin:1.5em 0}img{max-width:100%}figcaption{font-size:13px;color:#555}</style>",
-             "</head><body>", f"<h1>{e(title)}</h1>", "<table>"]
-    for k, v in info:
+             "</head><body>", f"<h1>{e(s['title'])}</h1>", "<table>"]
+    for k, v in s["info"]:
         parts.append(f"<tr><th>{e(k)}</th><td style=\"text-align:left\">{e(v)}</td></tr>")
     parts.append("</table>")
-    for n in notes:
+    for n in s["notes"]:
         parts.append(f"<p><em>{e(n)}</em></p>")
     parts.append("<h2>Metrics</h2><table><tr>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>")
-    for row in summary:
+    for row in s["summary"]:
         parts.append("<tr>" + "".join(f"<td>{e(_fmt(row.get(c)))}</td>" for c in cols) + "</tr>")
     parts.append("</table>")
     parts.append("<h2>Figures</h2>")
-    for caption, path in figures:
+    for caption, path in s["figures"]:
         with open(path, "rb") as f:
             data = base64.b64encode(f.read()).decode("ascii")
         parts.append(f"<figure><img alt=\"{e(caption)}\" src=\"data:image/png;base64,{data}\">"
                      f"<figcaption>{e(caption)}</figcaption></figure>")
-    if low_rows:
-        parts.append(f"<h2>Lowest {e(lid)}</h2><table><tr><th>key</th><th>{e(lid)}</th><th>caption</th></tr>")
-        for k, v, c in low_rows:
-            parts.append(f"<tr><td>{e(str(k))}</td><td>{e(_fmt(v))}</td>"
-                         f"<td style=\"text-align:left\">{e(c or '')}</td></tr>")
+    for heading, head, rows in _tables(s):
+        parts.append(f"<h2>{e(heading)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>")
+        for r in rows:
+            parts.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>")
         parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
@@ -416,23 +766,23 @@ def _md_cell(v):
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def _markdown(title, info, summary, figures, notes, lid, low_rows, out):
-    cols = _summary_columns(summary)
-    lines = [f"# {title}", ""]
-    for k, v in info:
+def _markdown(s, out):
+    cols = _summary_columns(s["summary"])
+    lines = [f"# {s['title']}", ""]
+    for k, v in s["info"]:
         lines.append(f"- **{k}**: {_md_cell(v)}")
     lines.append("")
-    for n in notes:
+    for n in s["notes"]:
         lines += [f"*{n}*", ""]
     lines += ["## Metrics", "", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for row in summary:
+    for row in s["summary"]:
         lines.append("| " + " | ".join(_md_cell(_fmt(row.get(c))) for c in cols) + " |")
     lines += ["", "## Figures", ""]
-    for caption, path in figures:
+    for caption, path in s["figures"]:
         lines += [f"![{caption}]({os.path.relpath(path, out)})", "", f"*{caption}*", ""]
-    if low_rows:
-        lines += [f"## Lowest {lid}", "", f"| key | {lid} | caption |", "|---|---|---|"]
-        for k, v, c in low_rows:
-            lines.append(f"| {_md_cell(k)} | {_fmt(v)} | {_md_cell(c or '')} |")
+    for heading, head, rows in _tables(s):
+        lines += [f"## {heading}", "", "| " + " | ".join(_md_cell(h) for h in head) + " |",
+                  "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
         lines.append("")
     return "\n".join(lines) + "\n"

@@ -5,6 +5,8 @@ x_t = psi(t) x0 + sigma(t) e, and regress the network output on e (epsilon),
 x0 (sample) or psi e - sigma x0 (v_prediction). Small enough to train the
 paper's von Mises example or an 8 x 8 digits model on a CPU in minutes; the
 network has the diffusers call signature, so every estimator accepts it.
+:func:`small_unet` builds the diffusers ``UNet2DModel`` that ``mmh-fast train``
+trains with the same loop and saves as a pipeline.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from torch import nn
 
 from .schedules import EDMSchedule, make_schedule
 
-__all__ = ["MLPDenoiser", "train_denoiser", "timestep_embedding"]
+__all__ = ["MLPDenoiser", "train_denoiser", "timestep_embedding", "small_unet"]
 
 
 def timestep_embedding(timestep: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -83,7 +85,8 @@ class MLPDenoiser(nn.Module):
 def train_denoiser(model: nn.Module, data: torch.Tensor, *, scheduler=None, steps: int = 2000,
                    batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.0, t_min: float = 1e-3,
                    t_power: float = 1.0, prediction_type: str | None = None, seed: int = 0,
-                   grad_clip: float | None = 1.0, lr_warmup: int = 0, cosine: bool = True, callback: Callable | None = None) -> list[float]:
+                   grad_clip: float | None = 1.0, lr_warmup: int = 0, cosine: bool = True,
+                   callback: Callable | None = None, weights=None) -> list[float]:
     """Train ``model`` in place by denoising score matching on ``data``.
 
     Args:
@@ -99,6 +102,11 @@ def train_denoiser(model: nn.Module, data: torch.Tensor, *, scheduler=None, step
         grad_clip: max gradient norm (None: no clipping).
         lr_warmup, cosine: linear warm-up steps, then cosine decay to 0 when ``cosine``.
         callback: called as ``callback(step, loss)``.
+        weights: [N] non-negative sampling weights of the training points (None:
+            uniform). Minibatch rows are drawn with probability weights / sum: a
+            point of weight w is seen as often as w copies of it would be, without
+            the copies being part of ``data`` (oversampling, as a curated
+            training stream repeats some images).
 
     Returns:
         the loss of every step (list of floats). The model is left in eval mode.
@@ -117,6 +125,13 @@ def train_denoiser(model: nn.Module, data: torch.Tensor, *, scheduler=None, step
         raise ValueError(f"t_power must be > 0, got {t_power}")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
+    if weights is not None:
+        weights = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+        if weights.shape[0] != data.shape[0]:
+            raise ValueError(f"weights must have one value per training point ({data.shape[0]}), "
+                             f"got {weights.shape[0]}")
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or not float(weights.sum()) > 0:
+            raise ValueError("weights must be finite, >= 0 and not all 0")
     p = next(model.parameters())
     dev, dt = p.device, p.dtype
     data = data.to(dev, dt)
@@ -133,7 +148,10 @@ def train_denoiser(model: nn.Module, data: torch.Tensor, *, scheduler=None, step
     N = data.shape[0]
     view = (-1,) + (1,) * (data.dim() - 1)
     for step in range(steps):
-        idx = torch.randint(0, N, (batch_size,), generator=g)
+        if weights is None:
+            idx = torch.randint(0, N, (batch_size,), generator=g)
+        else:
+            idx = torch.multinomial(weights, batch_size, replacement=True, generator=g)
         x0 = data[idx.to(dev)]
         t = t_min + (1 - t_min) * torch.rand(batch_size, generator=g, dtype=torch.float64) ** t_power
         psi, sigma = schedule.psi_sigma(t)
@@ -156,3 +174,32 @@ def train_denoiser(model: nn.Module, data: torch.Tensor, *, scheduler=None, step
             callback(step, losses[-1])
     model.eval()
     return losses
+
+
+def small_unet(image_size: int, *, channels: int = 3, width: int = 32, layers_per_block: int = 1,
+               attention: bool = False):
+    """A small diffusers ``UNet2DModel`` for ``image_size`` x ``image_size`` images.
+
+    Resolution levels halve the image down to 4 x 4 (at most 4 levels), with
+    ``width`` channels at the top and twice that below; ``attention`` adds a
+    self-attention block at the lowest level. Weights come from torch's global
+    RNG (seed it first). ``image_size`` must be a multiple of 2^(levels - 1).
+    """
+    from diffusers import UNet2DModel
+
+    if image_size < 4:
+        raise ValueError(f"image_size must be >= 4, got {image_size}")
+    if width < 8 or width % 8:
+        raise ValueError(f"width must be a multiple of 8 (GroupNorm groups of 8 channels), got {width}")
+    levels = 1
+    while levels < 4 and image_size % (2 ** levels) == 0 and image_size // (2 ** levels) >= 4:
+        levels += 1
+    widths = tuple([width] + [2 * width] * (levels - 1))
+    down = ["DownBlock2D"] * levels
+    up = ["UpBlock2D"] * levels
+    if attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    return UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels,
+                       layers_per_block=layers_per_block, block_out_channels=widths, down_block_types=tuple(down),
+                       up_block_types=tuple(up), norm_num_groups=8)
+
