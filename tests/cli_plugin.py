@@ -93,3 +93,10 @@ def nonfinite_error(batch, ctx):
     if bad in batch.keys:
         raise NonFiniteOutputError("the test network's output", [batch.keys.index(bad)])
     return batch.pixels.double().mean(dim=(1, 2, 3))
+
+
+@register_metric("per_image_px", lower_is_memorized=False, per_image=True)
+def per_image_px(batch, ctx):
+    """mean_px, run one image per call (as a slow metric like nb): progress after each image."""
+    assert len(batch) == 1
+    return batch.pixels.double().mean(dim=(1, 2, 3))

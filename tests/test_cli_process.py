@@ -120,7 +120,14 @@ def test_exit_codes_and_readable_errors(tmp_path, capsys):
             main(argv)
         assert e.value.code == 2
     capsys.readouterr()
-    for cmd in ("scan", "merge", "report", "metrics", "demo"):
+    # a bad value is one line, without the usage block; a missing argument keeps the usage
+    with pytest.raises(SystemExit):
+        main(["scan", "--out", "o", "--data", "x", "--batch-size", "0"])
+    assert capsys.readouterr().err == "mmh-fast scan: error: argument --batch-size: expected an integer >= 1, got 0\n"
+    with pytest.raises(SystemExit):
+        main(["scan", "--data", "x"])
+    assert "usage: mmh-fast scan" in capsys.readouterr().err
+    for cmd in ("scan", "merge", "lid-data", "classify", "report", "metrics", "demo"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0 and "usage: mmh-fast " + cmd in capsys.readouterr().out

@@ -65,7 +65,9 @@ def test_scan_folder_with_corrupt_images(tmp_path, capsys, toy_unet):
         assert r["eps_norm"] == pytest.approx(_eps_norm(toy_unet, arr), rel=1e-4)
         assert r["caption_len"] == len(f"caption {i}")
     meta = json.loads(pq.read_schema(tmp_path / "out" / "results.parquet").metadata[b"mmh_fast"])
-    assert meta["model"]["name"] == "toy-ddpm" and meta["settings"]["t0"] == 0.01
+    # a plugin metric names no t0 of its own: the fallback 0.01, recorded per metric
+    assert meta["model"]["name"] == "toy-ddpm" and meta["settings"]["t0"] is None
+    assert meta["settings"]["metric_settings"] == {"mean_px": {}, "eps_norm": {"t0": 0.01}, "caption_len": {}}
     assert meta["settings"]["metrics"] == ["mean_px", "eps_norm", "caption_len"]
     assert meta["metrics"]["mean_px"]["lower_is_memorized"] is False and meta["merge"]["complete"]
     assert "eps_norm:" in err and "images/s" in err  # throughput per metric at the end
@@ -155,8 +157,11 @@ def test_rerun_resumes_and_changed_settings_are_refused(tmp_path, capsys):
     assert rc == 0 and "resuming: 8 rows" in err and "scanned 0 images" in err
     assert {p: os.path.getmtime(p) for _, _, p in part_files(str(out))} == mtimes  # nothing rewritten
     assert _rows(out) == first
-    rc, err = _scan(capsys, tmp_path / "imgs", out, "--t0", "0.02", metrics="mean_px", model=None)
-    assert rc == 2 and "holds a scan with other settings" in err and '"t0": 0.02' in err
+    rc, err = _scan(capsys, tmp_path / "imgs", out, "--t0", "0.02", "--seed", "4", metrics="mean_px", model=None)
+    # only what differs is printed, not both whole dictionaries
+    assert rc == 2 and "holds a scan with other settings" in err
+    assert "settings.t0: was null, now 0.02" in err and "settings.seed: was 0, now 4" in err
+    assert "n_probes" not in err and "unit_size" not in err
 
 
 def test_resume_after_a_lost_part_rescans_only_that_part(tmp_path, capsys):
@@ -254,7 +259,9 @@ def _library_flipd(model_name, good, keys, **kw):
     pipe = load_model(model_name, device=torch.device("cpu"), dtype=torch.float32).pipeline
     x = torch.from_numpy(np.stack([good[k] for k in keys])).permute(0, 3, 1, 2).float() / 127.5 - 1
     ids = torch.tensor([sample_id(k) for k in keys])
-    return flipd(pipe, x, 0.01, n_probes=2, seed=5, sample_ids=ids, **kw).double().numpy()
+    # the library's defaults (t0 = 0.05 among them) except what the call names; the scan keys
+    # each sample's probes by its key (sample_ids), whatever batch it falls in
+    return flipd(pipe, x, sample_ids=ids, **kw).double().numpy()
 
 
 @pytest.mark.parametrize("model", ["toy-ddpm", "toy-sd"])
@@ -267,12 +274,56 @@ def test_flipd_metrics_equal_the_library_on_the_same_images(tmp_path, capsys, mo
     rows = _rows(tmp_path / "out")
     keys = [r["key"] for r in rows]
     # the library on all images at once: per-sample probe keys make batching irrelevant
-    ref = _library_flipd(model, good, keys, cond="" if model == "toy-sd" else None)
+    ref = _library_flipd(model, good, keys, cond="" if model == "toy-sd" else None, n_probes=2, seed=5)
     np.testing.assert_allclose([r["flipd"] for r in rows], ref, rtol=1e-4, atol=1e-3)
     if model == "toy-sd":
-        ref_c = _library_flipd(model, good, keys, cond=[r["caption"] for r in rows])
+        ref_c = _library_flipd(model, good, keys, cond=[r["caption"] for r in rows], n_probes=2, seed=5)
         np.testing.assert_allclose([r["flipd_cond"] for r in rows], ref_c, rtol=1e-4, atol=1e-3)
         assert not np.allclose(ref, ref_c)  # the caption matters
+
+
+def test_scan_flipd_with_its_defaults_equals_the_library_with_its_defaults(tmp_path, capsys):
+    """One image, one FLIPD: `mmh-fast scan --metrics flipd` and `mmh_fast.flipd(unet, x)` agree
+    without any option on either side (t0 0.05, one probe, seed 0: the paper's t0)."""
+    good = make_folder(tmp_path / "imgs", n=3)
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", metrics="flipd")
+    assert rc == 0, err
+    rows = _rows(tmp_path / "out")
+    keys = [r["key"] for r in rows]
+    ref = _library_flipd("toy-ddpm", good, keys)
+    np.testing.assert_allclose([r["flipd"] for r in rows], ref, rtol=1e-4, atol=1e-3)
+    # the effective settings, every one with its value, in scan.json and the Parquet metadata
+    from mmh_fast import flipd
+
+    want = {"t0": 0.05, "trace": "auto", "method": "vjp", "probe": "rademacher"}
+    import inspect
+    sig = inspect.signature(flipd).parameters
+    assert {k: sig[k].default for k in want} == want  # the library's own defaults
+    meta = json.loads((tmp_path / "out" / "scan.json").read_text())
+    assert meta["settings"]["metric_settings"] == {"flipd": want}
+    pmeta = json.loads(pq.read_schema(tmp_path / "out" / "results.parquet").metadata[b"mmh_fast"])
+    assert pmeta["settings"]["metric_settings"] == {"flipd": want}
+    # --t0 overrides every metric; --option flipd.t0 this one (and wins over --t0)
+    ref02 = _library_flipd("toy-ddpm", good, keys, t0=0.2)
+    for extra in (["--t0", "0.2"], ["--t0", "0.7", "--option", "flipd.t0=0.2"]):
+        out = tmp_path / f"out{len(extra)}"
+        rc, err = _scan(capsys, tmp_path / "imgs", out, *extra, metrics="flipd,eps_norm", model="toy-ddpm")
+        assert rc == 0, err
+        np.testing.assert_allclose([r["flipd"] for r in _rows(out)], ref02, rtol=1e-4, atol=1e-3)
+        ms = json.loads((out / "scan.json").read_text())["settings"]["metric_settings"]
+        assert ms["flipd"]["t0"] == 0.2 and ms["eps_norm"]["t0"] == float(extra[1])
+    assert not np.allclose(ref, ref02)
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "bad", "--option", "png.t0=0.1", metrics="flipd,png")
+    assert rc == 2 and "png.t0: not an option of the selected metrics" in err
+
+
+def test_paper_defaults_of_the_built_in_metrics():
+    from mmh_fast.cli.metrics import get_metric
+
+    # MMH App. C: FLIPD t0 = 0.05, NB t0 = 0.1, the training-set CFG norm t0 = 0.01 after 3 Euler steps
+    assert get_metric("flipd").defaults["t0"] == get_metric("flipd_cond").defaults["t0"] == 0.05
+    assert get_metric("nb").defaults["t0"] == 0.1 and get_metric("nb").per_image
+    assert get_metric("cfg_norm_train").defaults == {"t0": 0.01, "n_euler": 3}
 
 
 def _scan_with_inputs(tmp_path, capsys, n, model, metrics, *args):
@@ -295,7 +346,7 @@ def test_nb_metric_equals_the_library(tmp_path, capsys):
     rows, pipe, x = _scan_with_inputs(tmp_path, capsys, 3, "toy-ddpm", "nb", "--option", "n_samples=48",
                                       "--seed", "2")
     keys = [r["key"] for r in rows]
-    ref = normal_bundle(pipe, x, 0.01, n_samples=48, seed=2, sample_ids=torch.tensor([sample_id(k) for k in keys]))
+    ref = normal_bundle(pipe, x, 0.1, n_samples=48, seed=2, sample_ids=torch.tensor([sample_id(k) for k in keys]))
     assert [r["nb"] for r in rows] == ref.tolist()
     schema = pq.read_schema(tmp_path / "out" / "results.parquet")
     assert str(schema.field("nb").type) == "int64"
@@ -306,7 +357,7 @@ def test_cfg_norm_train_metric_equals_the_library(tmp_path, capsys):
 
     rows, pipe, x = _scan_with_inputs(tmp_path, capsys, 4, "toy-sd", "cfg_norm_train", "--batch-size", "3",
                                       "--option", "n_euler=2")
-    ref = cfg_norm_train(pipe, x, [r["caption"] for r in rows], t0=0.01, n_euler=2).double().numpy()
+    ref = cfg_norm_train(pipe, x, [r["caption"] for r in rows], n_euler=2).double().numpy()  # t0: both default 0.01
     np.testing.assert_allclose([r["cfg_norm_train"] for r in rows], ref, rtol=1e-4, atol=1e-5)
     assert (ref > 0).all()
     meta = json.loads((tmp_path / "out" / "scan.json").read_text())
@@ -332,3 +383,63 @@ def test_png_metric_and_default_metrics(tmp_path, capsys):
     rc = main(["scan", "--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "out2"), "--model", "toy-ddpm",
                "--workers", "0", "--quiet"])
     assert rc == 0 and _rows(tmp_path / "out2")[0].keys() >= {"flipd", "png"}
+
+
+def test_non_finite_metric_values_become_error_rows(tmp_path, capsys, monkeypatch):
+    """A metric returning NaN for one sample: that row gets an error and no value (never a NaN
+    in the results); the others keep theirs; the summary names the failed key."""
+    good = make_folder(tmp_path / "imgs", n=7)
+    monkeypatch.setenv("MMH_TEST_BAD_KEY", "img004.png")
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", metrics="nan_for_key,mean_px", model=None)
+    assert rc == 0, err
+    rows = {r["key"]: r for r in _rows(tmp_path / "out")}
+    bad = rows.pop("img004.png")
+    assert bad["nan_for_key"] is None and bad["error"] == "nan_for_key: non-finite value nan (NaN or inf): not a result"
+    assert bad["mean_px"] == pytest.approx(good["img004.png"].mean())
+    assert all(r["error"] is None and r["nan_for_key"] == pytest.approx(good[k].mean()) for k, r in rows.items())
+    assert "1 with errors" in err and "failed: img004.png (nan_for_key: non-finite value nan" in err
+    assert "'error' column of" in err
+    col = pq.read_table(tmp_path / "out" / "results.parquet").column("nan_for_key")
+    assert col.null_count == 1 and all(np.isfinite(v) for v in col.to_pylist() if v is not None)
+
+
+def test_non_finite_output_error_marks_only_the_named_samples(tmp_path, capsys, monkeypatch):
+    """An estimator raising NonFiniteOutputError (positions within its call): only that sample
+    gets the error; the rest of its batch is computed (as one call, not one by one)."""
+    good = make_folder(tmp_path / "imgs", n=6)
+    monkeypatch.setenv("MMH_TEST_BAD_KEY", "img001.png")
+    calls = []
+    from mmh_fast.cli import metrics as registry
+
+    orig = registry.get_metric("nonfinite_error").fn
+
+    def counting(batch, ctx):
+        calls.append(list(batch.keys))
+        return orig(batch, ctx)
+
+    registry.register_metric("nonfinite_error", counting, overwrite=True)
+    try:
+        rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", "--unit-size", "6",
+                        metrics="nonfinite_error", model=None)
+    finally:
+        registry.register_metric("nonfinite_error", orig, overwrite=True)
+    assert rc == 0, err
+    rows = {r["key"]: r for r in _rows(tmp_path / "out")}
+    bad = rows.pop("img001.png")
+    assert bad["nonfinite_error"] is None
+    assert bad["error"] == ("nonfinite_error: NonFiniteOutputError: the test network's output is not finite "
+                            "(NaN or inf) for this sample")
+    assert all(r["error"] is None and r["nonfinite_error"] == pytest.approx(good[k].mean()) for k, r in rows.items())
+    # batches of 3: [0, 1, 2] fails naming position 1, then [0, 2] in one call, then [3, 4, 5]
+    assert calls == [["img000.png", "img001.png", "img002.png"], ["img000.png", "img002.png"],
+                     ["img003.png", "img004.png", "img005.png"]]
+
+
+def test_per_image_metrics_report_progress_inside_a_batch(tmp_path, capsys):
+    make_folder(tmp_path / "imgs", n=4)
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "out", "--log-every", "0", "--batch-size", "4",
+                    metrics="per_image_px", model=None)
+    assert rc == 0, err
+    assert "per_image_px: 1/4 images of the current batch" in err and "3/4 images of the current batch" in err
+    assert [r["per_image_px"] for r in _rows(tmp_path / "out")] == pytest.approx(
+        [a.mean() for a in make_folder(tmp_path / "again", n=4).values()])

@@ -33,7 +33,7 @@ import torch
 from .errors import UserError
 
 __all__ = ["Metric", "MetricBatch", "MetricContext", "register_metric", "get_metric", "available_metrics",
-           "resolve_metrics", "load_plugins", "as_values"]
+           "resolve_metrics", "load_plugins", "as_values", "effective_settings", "check_options", "FALLBACK_T0"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,8 @@ class Metric:
     dtype: str = "float64"
     description: str = ""
     options: tuple = ()
+    defaults: dict = field(default_factory=dict)
+    per_image: bool = False
 
 
 @dataclass
@@ -97,10 +99,16 @@ class MetricBatch:
 class MetricContext:
     """What a metric may use besides the batch.
 
+    Each metric gets its own context: ``t0`` and ``options`` are the metric's
+    effective settings (see :func:`effective_settings`).
+
     Attributes:
         model: the :class:`~mmh_fast.cli.models.LoadedModel` (None for model-free scans).
-        t0, n_probes, seed: the scan's options (``--t0``, ``--n-probes``, ``--seed``).
-        options: further ``--option NAME=VALUE`` settings, as strings.
+        t0: the metric's diffusion time: ``--option NAME.t0``, else ``--t0``, else
+            the metric's own default (the paper's), else 0.01.
+        n_probes, seed: the scan's ``--n-probes`` and ``--seed``.
+        options: the metric's option values (``--option``, else its defaults),
+            parsed as JSON where they parse.
     """
 
     model: Any = None
@@ -117,7 +125,8 @@ _REGISTRY: dict[str, Metric] = {}
 def register_metric(name: str, fn: Callable | None = None, *, needs_model: bool = False,
                     needs_captions: bool = False, needs_conditional_model: bool = False,
                     lower_is_memorized: bool = True, dtype: str = "float64", description: str = "",
-                    options: Sequence[str] = (), overwrite: bool = False):
+                    options: Sequence[str] = (), overwrite: bool = False, defaults: dict | None = None,
+                    per_image: bool = False):
     """Register ``fn`` as metric ``name`` (usable as a decorator when ``fn`` is omitted).
 
     Args:
@@ -130,6 +139,10 @@ def register_metric(name: str, fn: Callable | None = None, *, needs_model: bool 
         options: names of the ``--option NAME=VALUE`` settings the metric reads from
             ``ctx.options`` (a scan refuses options no selected metric reads).
         overwrite: replace an existing registration instead of raising ValueError.
+        defaults: the metric's default settings (``t0`` and options), recorded with
+            the results; ``t0`` here is the metric's own diffusion time.
+        per_image: run one image per call and report progress after each (for
+            metrics that take seconds per image, e.g. nb).
     """
     if not isinstance(name, str) or not name.replace("_", "").isalnum() or name[0].isdigit():
         raise ValueError(f"metric name must be an identifier (letters, digits, _), got {name!r}")
@@ -143,7 +156,8 @@ def register_metric(name: str, fn: Callable | None = None, *, needs_model: bool 
             raise ValueError(f"metric {name!r} is already registered (pass overwrite=True to replace it)")
         _REGISTRY[name] = Metric(name, f, needs_model, needs_captions or needs_conditional_model,
                                  needs_conditional_model, lower_is_memorized, dtype,
-                                 description or (f.__doc__ or "").strip().split("\n")[0], tuple(options))
+                                 description or (f.__doc__ or "").strip().split("\n")[0], tuple(options),
+                                 dict(defaults or {}), bool(per_image))
         return f
 
     return deco if fn is None else deco(fn)
@@ -212,6 +226,64 @@ def as_values(out, n: int, name: str) -> np.ndarray:
     return arr
 
 
+#: t0 of a metric that needs a model and names no default of its own (a plugin)
+FALLBACK_T0 = 0.01
+
+
+def effective_settings(metric: Metric, *, t0: float | None, options: dict) -> dict:
+    """The settings ``metric`` runs with, every one with its value.
+
+    Precedence: ``--option NAME.SETTING=V`` (this metric only) over ``--t0`` /
+    ``--option SETTING=V`` (every metric that has the setting) over the metric's
+    defaults. ``t0`` is a setting of metrics that need a model (their default
+    from ``defaults``, else :data:`FALLBACK_T0`)."""
+    eff = dict(metric.defaults)
+    if metric.needs_model:
+        eff.setdefault("t0", FALLBACK_T0)
+    if t0 is not None and "t0" in eff:
+        eff["t0"] = t0
+    for key, value in options.items():
+        prefix, dot, setting = key.rpartition(".")
+        if not dot and key in metric.options:
+            eff[key] = value
+    for key, value in options.items():
+        prefix, dot, setting = key.rpartition(".")
+        if dot and prefix == metric.name:
+            eff[setting] = value
+    return eff
+
+
+def check_options(metrics: Sequence[Metric], options: dict) -> None:
+    """UserError for an ``--option`` no selected metric reads (``SETTING`` or ``NAME.SETTING``)."""
+    by_name = {m.name: m for m in metrics}
+    read = {o for m in metrics for o in m.options}
+    bad = []
+    for key in options:
+        prefix, dot, setting = key.rpartition(".")
+        if not dot:
+            if key not in read:
+                bad.append(key)
+            continue
+        m = by_name.get(prefix)
+        if m is None or not (setting in m.options or (setting == "t0" and m.needs_model)):
+            bad.append(key)
+    if bad:
+        names = ", ".join(m.name for m in metrics)
+        per = "; ".join(f"{m.name}: {', '.join((['t0'] if m.needs_model else []) + list(m.options)) or 'none'}"
+                        for m in metrics)
+        raise UserError(f"--option {', '.join(bad)}: not an option of the selected metrics ({names}; "
+                        f"settings per metric: {per}; NAME.SETTING sets one metric's, SETTING every metric's)")
+
+
+def _library_defaults(fn, names) -> dict:
+    """The defaults of the keyword arguments ``names`` of the library function ``fn``."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return {n: params[n].default for n in names if n in params
+            and params[n].default is not inspect.Parameter.empty}
+
+
 # --------------------------------------------------------------------------- built-in metrics
 # Each calls the library's public estimator with the scan's options. Per-sample
 # ids from the keys make randomized estimates independent of batching and ranks.
@@ -222,8 +294,18 @@ def _pick(options: dict, names) -> dict:
     return {k: options[k] for k in names if k in options}
 
 
-@register_metric("flipd", needs_model=True, options=_FLIPD_OPTIONS,
-                 description="FLIPD LID_theta(x) at t0 (Eq. 6); unconditional (empty prompt) for text models")
+from .. import flipd as _lib_flipd, normal_bundle as _lib_nb  # noqa: E402
+from ..text import cfg_norm_train as _lib_cfg_norm_train  # noqa: E402
+
+# The paper's settings (MMH App. C): FLIPD at t0 = 0.05, NB at t0 = 0.1, the
+# training-set CFG norm at t0 = 0.01 after 3 Euler steps; the rest are the
+# library functions' own defaults, read from their signatures.
+_FLIPD_DEFAULTS = {"t0": 0.05, **_library_defaults(_lib_flipd, ("trace", "method", "probe"))}
+
+
+@register_metric("flipd", needs_model=True, options=_FLIPD_OPTIONS, defaults=_FLIPD_DEFAULTS,
+                 description="FLIPD LID_theta(x) at t0 (Eq. 6; default t0 0.05, the paper's); unconditional (empty "
+                             "prompt) for text models")
 def _flipd(batch, ctx):
     from .. import flipd
 
@@ -233,7 +315,9 @@ def _flipd(batch, ctx):
 
 
 @register_metric("flipd_cond", needs_model=True, needs_conditional_model=True, options=_FLIPD_OPTIONS,
-                 description="FLIPD LID_theta(x | caption) at t0 (Sec. 4.1); CFG score with guidance_scale (Eq. 26)")
+                 defaults={**_FLIPD_DEFAULTS, **_library_defaults(_lib_flipd, ("guidance_scale",))},
+                 description="FLIPD LID_theta(x | caption) at t0 (Sec. 4.1; default t0 0.05); CFG score with "
+                             "guidance_scale (Eq. 26)")
 def _flipd_cond(batch, ctx):
     from .. import flipd
 
@@ -253,9 +337,11 @@ def _png(batch, ctx):
 _NB_OPTIONS = ("n_samples", "rule", "threshold", "min_ratio", "guidance_scale")
 
 
-@register_metric("nb", needs_model=True, dtype="int64", options=_NB_OPTIONS,
-                 description="normal-bundle LID_theta(x) = d - rank of the score matrix at t0 (Eq. 7-8); "
-                             "4d network calls per image unless n_samples is set")
+@register_metric("nb", needs_model=True, dtype="int64", options=_NB_OPTIONS, per_image=True,
+                 defaults={"t0": 0.1, **_library_defaults(_lib_nb, _NB_OPTIONS[:-1])},
+                 description="normal-bundle LID_theta(x) = d - rank of the score matrix at t0 (Eq. 7-8; default t0 "
+                             "0.1, the paper's); costs 4d network calls per image (d = pixel or latent entries: "
+                             "~44 s per 32x32 RGB image on a 2-core CPU) unless nb.n_samples is set")
 def _nb(batch, ctx):
     from .. import normal_bundle
 
@@ -266,6 +352,7 @@ def _nb(batch, ctx):
 
 @register_metric("cfg_norm_train", needs_model=True, needs_captions=True, needs_conditional_model=True,
                  lower_is_memorized=False, options=("n_euler",),
+                 defaults={"t0": 0.01, **_library_defaults(_lib_cfg_norm_train, ("n_euler",))},
                  description="CFG-vector norm |s(x_t0, t0, caption) - s(x_t0, t0, '')| of the training image with "
                              "its caption after n_euler conditional ODE steps to t0 (App. C, Fig. 6); high = memorized")
 def _cfg_norm_train(batch, ctx):

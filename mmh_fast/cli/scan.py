@@ -30,10 +30,12 @@ import torch
 
 from .. import __version__
 from .errors import UserError
-from .metrics import MetricBatch, MetricContext, as_values, available_metrics, load_plugins, resolve_metrics
+from ..models.batching import NonFiniteOutputError
+from .metrics import (MetricBatch, MetricContext, as_values, available_metrics, check_options, effective_settings,
+                      load_plugins, resolve_metrics)
 from .sources import decode_image, open_source, sample_id
-from .writer import (MANIFEST, PartWriter, merge, part_files, read_manifest, read_resume_state, table_metadata,
-                     write_json_atomic)
+from .writer import (MANIFEST, PartWriter, describe_errors, merge, part_files, read_manifest, read_resume_state,
+                     settings_diff, table_metadata, write_json_atomic)
 
 __all__ = ["ScanConfig", "ScanStats", "run_scan", "DEFAULT_METRICS"]
 
@@ -53,7 +55,7 @@ class ScanConfig:
     out: str
     model: str | None = None
     metrics: list | None = None
-    t0: float = 0.01
+    t0: float | None = None  # overrides every metric's own t0 (see metrics.effective_settings)
     n_probes: int = 1
     batch_size: int = 16
     device: str | None = None
@@ -191,6 +193,15 @@ class _Progress:
             print(f"{self.prefix}{self.what}: {done}, {rate:.1f} {noun}/s, {self.errors} errors", file=sys.stderr,
                   flush=True)
 
+    def inside(self, name, done, total):
+        """Progress inside a batch (a per-image metric): the bar's postfix, or a log line."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{name} {done}/{total} of this batch")
+        elif self.mode == "log" and time.monotonic() - self.last >= self.log_every:
+            self.last = time.monotonic()
+            print(f"{self.prefix}{self.what}: {name}: {done}/{total} images of the current batch, "
+                  f"{self.n} images done", file=sys.stderr, flush=True)
+
     def close(self):
         if self.bar is not None:
             self.bar.close()
@@ -204,10 +215,15 @@ def _is_oom(exc: BaseException) -> bool:
 
 class _Computer:
     """Runs the metrics over loaded batches, in chunks of the current batch size;
-    halves the size on out-of-memory and retries."""
+    halves the size on out-of-memory and retries.
 
-    def __init__(self, metrics, ctx, batch_size, dtype, log):
-        self.metrics, self.ctx, self.batch_size, self.dtype, self.log = metrics, ctx, batch_size, dtype, log
+    ``ctxs`` maps each metric to its own :class:`MetricContext`; ``tick(name, done,
+    total)`` is called after each image of a ``per_image`` metric."""
+
+    def __init__(self, metrics, ctxs, batch_size, dtype, log, tick=None):
+        self.metrics, self.ctxs, self.batch_size, self.dtype, self.log = metrics, ctxs, batch_size, dtype, log
+        self.ctx = next(iter(ctxs.values()))
+        self.tick = tick or (lambda name, done, total: None)
         self.seconds = {m.name: 0.0 for m in metrics}
         self.images = {m.name: 0 for m in metrics}
         self.ever_ok = {m.name: False for m in metrics}
@@ -254,10 +270,13 @@ class _Computer:
         """(index, value, error) for the samples ``idx`` of ``base``."""
         start = 0
         while start < len(idx):
-            chunk = idx[start:start + self.batch_size]
-            vals, oom, failed = None, False, False
+            # a per-image metric (minutes per batch) runs image by image, with progress after each
+            chunk = idx[start:start + (1 if m.per_image else self.batch_size)]
+            vals, oom, failed, nonfinite = None, False, False, None
             try:
                 vals = self._timed(m, base.subset(chunk))
+            except NonFiniteOutputError as exc:
+                nonfinite = exc
             except Exception as exc:
                 oom, failed = _is_oom(exc), not _is_oom(exc)
             # (out of the except block: its traceback no longer pins the failed batch's tensors)
@@ -268,14 +287,28 @@ class _Computer:
                 self.log(f"out of memory in {m.name}: batch size halved to {self.batch_size}")
                 self._empty_cache()
                 continue
-            if failed:  # isolate the failing samples: one at a time, the rest keep their values
+            if nonfinite is not None and nonfinite.positions and all(0 <= p < len(chunk)
+                                                                        for p in nonfinite.positions):
+                # the estimator names the samples whose network output is not finite: they get the
+                # error, the rest of the chunk is computed again without them
+                bad = set(nonfinite.positions)
+                for p in sorted(bad):
+                    self._note_failure(m, nonfinite)
+                    yield chunk[p], None, (f"NonFiniteOutputError: {nonfinite.what} is not finite (NaN or inf) "
+                                           "for this sample")
+                yield from self._run(m, base, [i for p, i in enumerate(chunk) if p not in bad])
+            elif failed or nonfinite is not None:  # isolate the failing samples: one at a time
                 for i in chunk:
                     yield self._one(m, base, i)
             else:
-                self.ever_ok[m.name] = True
                 for i, v in zip(chunk, vals):
-                    yield (i, *self._convert(m, v))
+                    out = (i, *self._convert(m, v))
+                    if out[2] is None:
+                        self.ever_ok[m.name] = True
+                    yield out
             start += len(chunk)
+            if m.per_image:
+                self.tick(m.name, start, len(idx))
 
     def _one(self, m, base, i):
         try:
@@ -284,19 +317,24 @@ class _Computer:
             if _is_oom(exc):
                 raise ScanFailed(f"metric {m.name}: out of memory at batch size 1") from None
             self._note_failure(m, exc)
+            if isinstance(exc, NonFiniteOutputError):
+                return i, None, f"NonFiniteOutputError: {exc.what} is not finite (NaN or inf) for this sample"
             return i, None, f"{type(exc).__name__}: {exc}"
-        self.ever_ok[m.name] = True
-        return (i, *self._convert(m, v))
+        out = (i, *self._convert(m, v))
+        if out[2] is None:
+            self.ever_ok[m.name] = True
+        return out
 
-    @staticmethod
-    def _convert(m, v):
-        if m.dtype == "int64":
-            return (int(v), None) if np.isfinite(v) else (None, f"non-finite value {v} for an integer metric")
-        return float(v), None
+    def _convert(self, m, v):
+        """A value as written, or (None, error): a NaN or inf is never written as a result."""
+        if not np.isfinite(v):
+            self._note_failure(m, ValueError(f"non-finite value {v}"))
+            return None, f"non-finite value {v} (NaN or inf): not a result"
+        return (int(v), None) if m.dtype == "int64" else (float(v), None)
 
     def _timed(self, m, mb):
         t = time.perf_counter()
-        out = m.fn(mb, self.ctx)
+        out = m.fn(mb, self.ctxs[m.name])
         vals = as_values(out, len(mb), m.name)  # moves to the host: synchronises the device
         self.seconds[m.name] += time.perf_counter() - t
         self.images[m.name] += len(mb)
@@ -356,11 +394,19 @@ class _Dist:
 
 
 # --------------------------------------------------------------------------- the scan
+def _metric_settings(cfg: ScanConfig, metrics) -> dict:
+    """Each metric's effective settings (t0, options), every one with its value."""
+    return {m.name: effective_settings(m, t0=cfg.t0, options=cfg.options) for m in metrics}
+
+
 def _settings(cfg: ScanConfig, metrics, image_size, dtype) -> dict:
-    """The settings that determine the values: a resumed scan must use the same."""
+    """The settings that determine the values: a resumed scan must use the same.
+    ``metric_settings`` holds what each metric ran with (recorded in scan.json and
+    in the Parquet metadata)."""
     return {"metrics": [m.name for m in metrics], "t0": cfg.t0, "n_probes": cfg.n_probes, "seed": cfg.seed,
             "image_size": image_size, "dtype": str(dtype).replace("torch.", "") if dtype else None,
-            "limit": cfg.limit, "unit_size": cfg.unit_size, "options": cfg.options}
+            "limit": cfg.limit, "unit_size": cfg.unit_size, "options": cfg.options,
+            "metric_settings": _metric_settings(cfg, metrics)}
 
 
 def _check_manifest(out, manifest, old) -> None:
@@ -371,11 +417,15 @@ def _check_manifest(out, manifest, old) -> None:
             a, b = {k: a.get(k) for k in ("name", "fingerprint")}, {k: b.get(k) for k in ("name", "fingerprint")}
         if section == "source" and a and b:  # the spec may be spelled differently (relative path)
             a, b = {k: a.get(k) for k in ("kind", "fingerprint")}, {k: b.get(k) for k in ("kind", "fingerprint")}
-        if a != b:
-            diffs.append(f"{section}: was {json.dumps(a, sort_keys=True)}, now {json.dumps(b, sort_keys=True)}")
+        if isinstance(a, dict) and isinstance(b, dict):
+            d = settings_diff(a, b, f"{section}.")
+        else:
+            d = "" if a == b else f"{section}: was {json.dumps(a, sort_keys=True)}, now {json.dumps(b, sort_keys=True)}"
+        if d:
+            diffs.append(d.replace("; ", "\n  "))
     if diffs:
-        raise UserError(f"{out} holds a scan with other settings; use another --out or remove it.\n  "
-                        + "\n  ".join(diffs))
+        raise UserError(f"{out} holds a scan with other settings; use another --out or remove it. "
+                        "What differs:\n  " + "\n  ".join(diffs))
 
 
 def _cpus() -> int:
@@ -396,11 +446,11 @@ def _select_metrics(cfg: ScanConfig):
             raise UserError("no default metric is available; name them with --metrics "
                             f"(registered: {', '.join(registered) or 'none'})")
     metrics = resolve_metrics(names)
-    read = {o for m in metrics for o in m.options}
-    unused = sorted(set(cfg.options) - read)
-    if unused:
-        raise UserError(f"--option {', '.join(unused)}: not an option of the selected metrics "
-                        f"({', '.join(m.name for m in metrics)}; they read: {', '.join(sorted(read)) or 'none'})")
+    check_options(metrics, cfg.options)
+    for name, eff in _metric_settings(cfg, metrics).items():
+        t0 = eff.get("t0")
+        if t0 is not None and (isinstance(t0, bool) or not isinstance(t0, (int, float)) or not 0 < t0 <= 1):
+            raise UserError(f"t0 of metric {name} must be a number in (0, 1], got {t0!r}")
     needs_model = [m.name for m in metrics if m.needs_model]
     if needs_model and not cfg.model:
         raise UserError(f"metric(s) {', '.join(needs_model)} need a model: pass --model")
@@ -410,7 +460,7 @@ def _select_metrics(cfg: ScanConfig):
 def _check_args(cfg: ScanConfig) -> None:
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {cfg.batch_size}")
-    if not (0 < cfg.t0 <= 1):
+    if cfg.t0 is not None and not (0 < cfg.t0 <= 1):
         raise UserError(f"--t0 must be in (0, 1], got {cfg.t0}")
     if cfg.n_probes < 1:
         raise UserError(f"--n-probes must be at least 1, got {cfg.n_probes}")
@@ -527,9 +577,14 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
             + (f"; model {cfg.model} on {device} ({str(dtype).replace('torch.', '')})" if model else "")
             + (f"; {world} ranks" if world > 1 else ""))
 
-        ctx = MetricContext(model=model, device=device, t0=cfg.t0, n_probes=cfg.n_probes, seed=cfg.seed,
-                            options=dict(cfg.options))
-        computer = _Computer(metrics, ctx, cfg.batch_size, dtype or torch.float32, log)
+        settings = manifest["settings"]["metric_settings"]
+        ctxs = {m.name: MetricContext(model=model, device=device, n_probes=cfg.n_probes, seed=cfg.seed,
+                                      t0=settings[m.name].get("t0", cfg.t0 if cfg.t0 is not None else 0.01),
+                                      options={k: v for k, v in settings[m.name].items() if k != "t0"})
+                for m in metrics}
+        if any(m.needs_model for m in metrics):
+            say("settings: " + "; ".join(f"{name} " + ", ".join(f"{k}={v}" for k, v in eff.items())
+                                         for name, eff in settings.items() if eff))
         writer = PartWriter(cfg.out, {m.name: m.dtype for m in metrics}, manifest, next_seq=resume.next_seq,
                             part_rows=cfg.part_rows, flush_seconds=cfg.flush_seconds, rank=rank, world_size=world)
         mode = cfg.progress
@@ -538,6 +593,7 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
         if cfg.quiet or rank != 0:
             mode = "none"
         progress = _Progress(total, mode, cfg.log_every, prefix)
+        computer = _Computer(metrics, ctxs, cfg.batch_size, dtype or torch.float32, log, tick=progress.inside)
 
         stop = {"flag": False}
 
@@ -592,7 +648,8 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
             for note in m["notes"]:
                 say(f"note: {note}")
             say(f"results: {m['path']} ({m['rows']} rows, {m['errors']} with errors"
-                + ("" if m["complete"] else f"; INCOMPLETE: {m['units_complete']}/{m['units_total']} units") + ")")
+                + ("" if m["complete"] else f"; INCOMPLETE: {m['units_complete']}/{m['units_total']} units") + ")"
+                + describe_errors(m))
         dist.gather(None)  # keep every rank alive until the merge is written
         return stats
     finally:

@@ -38,7 +38,7 @@ from .errors import UserError
 
 __all__ = ["MANIFEST", "RESULTS", "META_KEY", "ResumeState", "PartWriter", "read_resume_state", "merge",
            "part_files", "table_metadata", "result_schema", "write_table_atomic", "read_manifest",
-           "write_json_atomic", "settings_diff"]
+           "write_json_atomic", "settings_diff", "describe_errors"]
 
 MANIFEST = "scan.json"
 RESULTS = "results.parquet"
@@ -117,6 +117,19 @@ def settings_diff(old: dict, new: dict, prefix: str = "") -> str:
             out.append(f"{prefix}{key}: was {json.dumps(a, sort_keys=True, default=str)}, "
                        f"now {json.dumps(b, sort_keys=True, default=str)}")
     return "; ".join(out)
+
+
+_ERROR_EXAMPLES = 3
+
+
+def describe_errors(summary: dict) -> str:
+    """"": no errors; else ": KEY (error), ... and N more; all in the error column of PATH"."""
+    ex = summary.get("error_examples") or []
+    if not summary.get("errors") or not ex:
+        return ""
+    shown = ", ".join(f"{k} ({e if len(e) <= 80 else e[:77] + '...'})" for k, e in ex)
+    more = f" and {summary['errors'] - len(ex)} more" if summary["errors"] > len(ex) else ""
+    return f"\n  failed: {shown}{more}; every failed sample has its reason in the 'error' column of {summary['path']}"
 
 
 def read_manifest(out_dir: str) -> dict | None:
@@ -285,7 +298,10 @@ def merge(out_dir: str) -> dict:
     keys = table.column("key").to_pylist()
     dup_keys = len(keys) - len(set(keys))
     total_units = manifest.get("units") if manifest else None
-    summary = {"rows": table.num_rows, "errors": table.num_rows - table.column("error").null_count,
+    err_col = table.column("error")
+    failed = np.nonzero(~np.asarray(err_col.is_null().to_numpy(zero_copy_only=False)))[0][:_ERROR_EXAMPLES]
+    examples = [[table.column("key")[int(i)].as_py(), err_col[int(i)].as_py()] for i in failed]
+    summary = {"rows": table.num_rows, "errors": table.num_rows - err_col.null_count, "error_examples": examples,
                "duplicates_dropped": dropped, "duplicate_keys": dup_keys,
                "units_complete": len(complete_units), "units_total": total_units,
                "complete": total_units is not None and len(complete_units) >= total_units,
