@@ -21,8 +21,18 @@ $(VENV)/.deps: pyproject.toml
 	touch $@
 
 # Incremental (ninja) in-place build of mmh_fast._C; a no-op when nothing changed.
+# Quiet: one line, the compiler's output only when the build fails (all of it
+# is kept in $(BUILD_LOG)); `make build VERBOSE=1` shows it as it runs.
+BUILD_LOG ?= build/native-build.log
 build: $(VENV)/.deps
-	$(PY) setup.py -q build_ext --inplace
+ifdef VERBOSE
+	$(PY) setup.py build_ext --inplace
+else
+	@echo "building the native extension (mmh_fast._C; log: $(BUILD_LOG)) ..."
+	@mkdir -p $(dir $(BUILD_LOG))
+	@$(PY) setup.py -q build_ext --inplace > $(BUILD_LOG) 2>&1 || \
+		{ cat $(BUILD_LOG); echo "building the native extension FAILED (full log: $(BUILD_LOG))"; exit 1; }
+endif
 
 demo: build
 	$(VENV)/bin/mmh-fast demo $(DEMO_ARGS)
