@@ -188,6 +188,101 @@ def test_cuda_matches_cpu_kernel():
     torch.testing.assert_close(dg.cpu(), dc, rtol=1e-6, atol=1e-6)
 
 
+def _brute_on(x, q, k, self_offset=None):
+    """float64 brute force on x's device, ties by index (stable sort): [M, k]
+    distances and indices. self_offset: query r is data row self_offset + r."""
+    xd, qd = x.double(), q.double()
+    chunk = max(1, (1 << 27) // (x.shape[0] * x.shape[1]))  # 1 GiB of differences at a time
+    ds, ids = [], []
+    for r0 in range(0, q.shape[0], chunk):
+        d2 = ((qd[r0:r0 + chunk, None, :] - xd[None]) ** 2).sum(-1)
+        if self_offset is not None:
+            rows = torch.arange(d2.shape[0], device=x.device)
+            d2[rows, self_offset + r0 + rows] = float("inf")
+        d2s, order = torch.sort(d2, dim=1, stable=True)
+        ds.append(d2s[:, :k].sqrt())
+        ids.append(order[:, :k])
+    return torch.cat(ds), torch.cat(ids)
+
+
+@pytest.mark.cuda
+def test_cuda_merges_across_tiles_and_query_blocks():
+    # N > 65,536 data points: more than one data tile per query, so running
+    # lists are merged across tiles; > 1,024 queries: more than one query block
+    # (2^26 keys / 65,536 per tile). Self search too (the self index shifts
+    # with the block). Truth: float64 brute force on the GPU.
+    x = _points(70_000, 8, torch.float32, 31).cuda()
+    q = _points(1_500, 8, torch.float32, 32).cuda()
+    q[:50] = x[-50:] + 1e-3 * q[:50]  # near copies in the last tile
+    dist, idx = ops.knn(x, q, 20)
+    want_d, want_i = _brute_on(x, q, 20)
+    assert torch.equal(idx, want_i)
+    torch.testing.assert_close(dist, want_d.float(), rtol=1e-6, atol=1e-6)
+    dist, idx = ops.knn(x, k=12, rows=slice(64_000, 67_000))  # 3,000 queries across the tile border
+    want_d, want_i = _brute_on(x, x[64_000:67_000], 12, self_offset=64_000)
+    assert torch.equal(idx, want_i)
+    torch.testing.assert_close(dist, want_d.float(), rtol=1e-6, atol=1e-6)
+    dist, idx = ops.knn(x, q, 1100)  # k' beyond the fused selection: at::topk merges across tiles
+    want_d, want_i = _brute_on(x, q, 1100)
+    assert (idx == want_i).float().mean() > 0.999  # ties of float32 distances may swap
+    torch.testing.assert_close(dist, want_d.float(), rtol=1e-6, atol=1e-6)
+
+
+def _near_duplicate_clusters(n, d, n_queries, per_query, g):
+    """Gaussian data where each query has ``per_query`` near copies at
+    distances 0.05 (1 + i / per_query): gaps of d^2 ~ 1e-4 between them, far
+    above float32 key rounding (~1e-5 at |x|^2 ~ d = 64) and far below TF32's
+    (~5e-4 |q||x| ~ 0.03)."""
+    x = torch.randn(n, d, generator=g)
+    q = torch.randn(n_queries, d, generator=g)
+    for r in range(n_queries):
+        u = torch.randn(per_query, d, generator=g)
+        u = u / u.norm(dim=1, keepdim=True)
+        eps = 0.05 * (1 + torch.arange(per_query) / per_query)
+        x[r * per_query:(r + 1) * per_query] = q[r] + eps[:, None] * u
+    return x, q
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("setting", ["allow_tf32", "matmul_precision", "fp32_precision"])
+def test_cuda_screen_ignores_tf32(setting):
+    # Issue 13 item 12: with TF32 enabled (as diffusers scripts do) a float32
+    # GEMM screen misorders near-duplicates beyond the 8 spare candidates. The
+    # same construction simulated on the CPU (inputs rounded to TF32's 10-bit
+    # mantissa) keeps the true 10 among the 18 screened in 0 of 50 rows; the
+    # float32 screen in 50 of 50.
+    g = torch.Generator().manual_seed(0)
+    x, q = _near_duplicate_clusters(20_000, 64, 50, 40, g)
+    x, q = x.cuda(), q.cuda()
+    want_d, want_i = _brute_on(x, q, 10)
+    matmul = torch.backends.cuda.matmul
+    saved = (matmul.allow_tf32, torch.get_float32_matmul_precision(), getattr(matmul, "fp32_precision", None))
+    try:
+        if setting == "allow_tf32":
+            matmul.allow_tf32 = True
+        elif setting == "matmul_precision":
+            torch.set_float32_matmul_precision("high")
+        else:
+            if not hasattr(matmul, "fp32_precision"):
+                pytest.skip("this torch has no backends.cuda.matmul.fp32_precision")
+            matmul.fp32_precision = "tf32"
+        # the premise: torch's own float32 GEMM screen is now reduced
+        xc, qc = x - x.mean(0), q - x.mean(0)
+        keys = (xc * xc).sum(1)[None] - 2 * (qc @ xc.T)
+        cand = keys.topk(18, largest=False).indices
+        kept = [set(want_i[r].tolist()) <= set(cand[r].tolist()) for r in range(q.shape[0])]
+        if all(kept):
+            pytest.skip("this GPU computes float32 GEMMs in full precision under TF32 settings")
+        dist, idx = ops.knn(x, q, 10)
+    finally:
+        if saved[2] is not None:
+            matmul.fp32_precision = saved[2]
+        torch.set_float32_matmul_precision(saved[1])
+        matmul.allow_tf32 = saved[0]
+    assert torch.equal(idx, want_i)
+    torch.testing.assert_close(dist, want_d.float(), rtol=1e-6, atol=1e-6)
+
+
 def test_large_d_query_blocks_match_brute_force():
     # D >= 512 with enough queries for query blocks above 64 rows (up to 256):
     # the same neighbours and distances as a float64 brute force, including
@@ -347,17 +442,20 @@ def test_reduced_screens_hand_out_of_range_data_to_the_exact_screen():
     np.testing.assert_array_equal(idx.numpy(), _brute(x, q, 7)[1])
 
 
-def test_float32_data_beyond_float32_squared_range_are_searched_exactly():
+def test_float32_data_beyond_float32_squared_range_are_searched_exactly(device):
     # |x| ~ 1e20: squared norms overflow float32; the kernel searches in
-    # float64 instead of returning garbage
+    # float64 instead of returning garbage (on CUDA: keys of inf were never
+    # admitted, leaving rows of index INT64_MAX at distance inf)
     x = (_points(300, 5, torch.float64, seed=13) * 1e20).float()
     q = (_points(20, 5, torch.float64, seed=14) * 1e20).float()
-    for precision in ("full", "bf16"):
-        dist, idx = ops.knn(x, q, 4, precision=precision)
+    for precision in ("full", "bf16") if device.type == "cpu" else ("full",):
+        dist, idx = ops.knn(x.to(device), q.to(device), 4, precision=precision)
         want_d, want_i = _brute(x, q, 4)
-        np.testing.assert_array_equal(idx.numpy(), want_i)
-        np.testing.assert_allclose(dist.numpy(), want_d, rtol=1e-6)
+        np.testing.assert_array_equal(idx.cpu().numpy(), want_i)
+        np.testing.assert_allclose(dist.cpu().numpy(), want_d, rtol=1e-6)
         assert bool(torch.isfinite(dist).all())
+    dist, idx = ops.knn(x.to(device), k=3)  # self search: same guard
+    np.testing.assert_array_equal(idx.cpu().numpy(), _brute(x, x, 3, exclude_self=True)[1])
 
 
 @pytest.mark.parametrize("precision", ["full", "bf16"])

@@ -1,5 +1,5 @@
 // Exact brute-force kNN on CUDA, faiss-style: per (query block, data tile)
-// one GEMM (at::mm) gives -2 q.x, then a selection kernel, one CUDA block per
+// one GEMM gives -2 q.x, then a selection kernel, one CUDA block per
 // query row, merges the tile's keys |x|^2 - 2 q.x into the row's running k'
 // best (k' = k + extra), kept in global memory between tiles. Keys below the
 // row's threshold are appended to a shared-memory buffer; when it fills, and
@@ -7,8 +7,19 @@
 // back to k'. Finally the k' candidates' distances are recomputed exactly
 // (one warp per candidate, float64 accumulation) and re-ranked by (distance,
 // index), as on the CPU. Memory: one [block, tile] key matrix at a time.
+//
+// The screen is the CPU's full screen: keys in the data dtype from a GEMM in
+// full precision. torch may run float32 GEMMs in TF32 (10-bit mantissa;
+// torch.backends.cuda.matmul.allow_tf32, set_float32_matmul_precision("high"),
+// often enabled by diffusers scripts), whose key errors (~5e-4 of |q||x|)
+// reorder near-duplicates far beyond the k' - k spare candidates. When torch's
+// setting allows that, the float32 screen's GEMM runs in float64 instead (the
+// keys rounded back to float32: a float32 GEMM's accuracy). Keys of float32
+// data whose centred squared norms pass kKeyNormLimit (or whose float32 mean
+// overflows) could overflow: such inputs are searched in float64, as on the CPU.
 #include "knn_cuda.h"
 
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,6 +38,14 @@ constexpr int kSelectThreads = 256;
 constexpr int kMaxFused = 1024;       // largest k' handled by the fused selection
 constexpr int kCandidates = 1024;     // shared candidate buffer per row
 constexpr int kExactThreads = 256;    // 8 warps, one candidate each
+
+// Whether torch would run a float32 at::mm on CUDA in reduced precision: the
+// same setting its cuBLAS and cuBLASLt paths read (TF32; BF16 where a torch
+// build maps "bf16" to a reduced compute type).
+inline bool reduced_float32_matmul() {
+  const auto p = at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL);
+  return p == at::Float32Precision::TF32 || p == at::Float32Precision::BF16;
+}
 
 inline int next_pow2(int v) {
   int p = 1;
@@ -153,8 +172,25 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& data, const at::Te
   const auto xc = (x - mean).contiguous();
   const auto qm2 = ((q - mean) * -2.0).contiguous();
   const auto xn = xc.pow(2).sum(1).contiguous();
-  // Blocks of queries and tiles of data: a key matrix of at most 2^26 entries.
-  const int64_t bd = std::min<int64_t>(N, 65536);
+  const bool is_float = x.scalar_type() == at::kFloat;
+  if (is_float) {
+    // The CPU kernel's range guard: !(norm <= limit) also catches the NaN of a
+    // mean whose float32 sums overflowed. qm2 is -2 (q - mean): 4 |q - mean|^2.
+    const double xmax = xn.max().item<double>();
+    const double qmax = qm2.pow(2).sum(1).max().item<double>();
+    if (!(xmax <= kKeyNormLimit) || !(qmax <= 4.0 * kKeyNormLimit)) {
+      auto res = knn_cuda(x.to(at::kDouble), q.to(at::kDouble), k, self_offset, squared, extra);
+      out_d.copy_(std::get<0>(res));
+      out_i.copy_(std::get<1>(res));
+      return {out_d, out_i};
+    }
+  }
+  // float32 keys from a float64 GEMM where torch would use TF32 (see top).
+  const bool gemm64 = is_float && reduced_float32_matmul();
+  // Blocks of queries and tiles of data: a key matrix of at most 2^26 entries;
+  // with gemm64 a float64 copy of one data tile of at most 2^25 entries too.
+  const int64_t tile_max = gemm64 ? std::clamp<int64_t>((int64_t(1) << 25) / D, 1024, 65536) : 65536;
+  const int64_t bd = std::min<int64_t>(N, tile_max);
   const int64_t bq = std::max<int64_t>(1, std::min<int64_t>(M, (int64_t(1) << 26) / bd));
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool fused = kk <= kMaxFused;
@@ -172,10 +208,11 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& data, const at::Te
       const int64_t nr = std::min(bq, M - r0);
       auto best_k = at::full({nr, kk}, inf, x.options());
       auto best_i = at::full({nr, kk}, INT64_MAX, x.options().dtype(at::kLong));
-      const auto qblk = qm2.narrow(0, r0, nr);
+      const auto qblk = gemm64 ? qm2.narrow(0, r0, nr).to(at::kDouble) : qm2.narrow(0, r0, nr);
       for (int64_t c0 = 0; c0 < N; c0 += bd) {
         const int64_t nc = std::min(bd, N - c0);
-        auto g = at::mm(qblk, xc.narrow(0, c0, nc).t()).contiguous();
+        auto g = gemm64 ? at::mm(qblk, xc.narrow(0, c0, nc).to(at::kDouble).t()).to(x.scalar_type()).contiguous()
+                        : at::mm(qblk, xc.narrow(0, c0, nc).t()).contiguous();
         if (fused) {
           select_kernel<scalar_t><<<static_cast<unsigned>(nr), kSelectThreads, smem, stream>>>(
               g.data_ptr<scalar_t>(), nc, xn.data_ptr<scalar_t>(), c0,

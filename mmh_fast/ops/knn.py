@@ -211,6 +211,13 @@ def knn(data, queries=None, k: int | None = None, exclude_self: bool = True, *, 
             (default): ``"bf16"`` for float32 data on a CPU with native bf16
             (AVX512-BF16 or AMX) and D >= 256, where the GEMM dominates;
             ``"float32"`` for float64 data on a CPU; ``"full"`` otherwise.
+            On CUDA the screen is always full: when torch's float32 matmul
+            setting allows TF32 (``torch.backends.cuda.matmul.allow_tf32``,
+            ``set_float32_matmul_precision("high")``), whose 10-bit mantissa
+            would misorder near-duplicates beyond the spare candidates, the
+            float32 keys come from a float64 GEMM instead. On either device,
+            float32 inputs whose centred squared norms exceed 1e36 (keys
+            could overflow) are searched in float64.
 
     Returns:
         (distances [M, k] in the data dtype, indices [M, k] int64), each row
