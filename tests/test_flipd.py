@@ -323,6 +323,21 @@ def test_stable_diffusion_pipeline_flipd_is_latent_flipd(sd_pipe):
                                               **kw), unc, rtol=1e-5, atol=1e-3)
 
 
+def test_pipeline_chunks_give_the_same_values(sd_pipe, monkeypatch):
+    """VAE encoding and network calls in chunks of 1 (default_batch_size forced
+    to 1) give the values of one chunk."""
+    import importlib
+
+    fl = importlib.import_module("mmh_fast.lid.flipd")
+    img = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    kw = dict(cond=["a red car", "the dog", ""], guidance_scale=2.0, n_probes=2, seed=1)
+    whole = mmh_fast.flipd(sd_pipe, img, 0.05, **kw)
+    sizes = []
+    monkeypatch.setattr(fl, "default_batch_size", lambda net, shape, **k: sizes.append(tuple(shape)) or 1)
+    torch.testing.assert_close(mmh_fast.flipd(sd_pipe, img, 0.05, **kw), whole, rtol=1e-5, atol=1e-4)
+    assert (3, 8, 8) in sizes and (4, 4, 4) in sizes  # the VAE's images and the UNet's latents
+
+
 def test_ddpm_and_ddim_pipelines_are_pixel_space():
     img = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(6)) * 2 - 1
     for ddim in (False, True):
