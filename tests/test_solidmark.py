@@ -619,6 +619,31 @@ def test_latent_inpainting_recovers_keys_and_mitigations_lower_the_count(latent_
     assert n == 60
 
 
+class _NaNFor(torch.nn.Module):
+    """``inner``, except that the prediction is NaN for the images whose
+    class label (their position, passed as model_kwargs) is in ``bad``."""
+
+    def __init__(self, inner, bad):
+        super().__init__()
+        self.inner, self.bad = inner, torch.tensor(bad)
+        self.prediction_type = inner.prediction_type
+
+    def forward(self, sample, timestep, class_labels=None, **kwargs):
+        out = self.inner(sample, timestep).sample.clone()
+        out[torch.isin(class_labels, self.bad)] = float("nan")
+        return out
+
+
+def test_non_finite_network_output_names_the_images(twelve):
+    from mmh_fast.models.batching import NonFiniteOutputError
+
+    x, sm, keys, model, kw = twelve
+    with pytest.raises(NonFiniteOutputError, match="inpainted canvas") as err:
+        evaluate(_NaNFor(model, [7, 9]), x, keys, batch_size=5, model_kwargs={"class_labels": torch.arange(12)},
+                 **kw)
+    assert err.value.positions == [7, 9]
+
+
 class _OOMShuffleVAE(_ShuffleVAE):
     """The shuffle VAE, out of memory when decoding more than 16 latents."""
 
