@@ -1,5 +1,6 @@
 """`mmh-fast demo --quick` end to end: the planted duplicates of the digits must be
-found (LID_* = 0, AUC > 0.9 on LID_*), the files written and the report readable."""
+found (LID_* = 0, AUC > 0.9 on LID_*), the files of each command written and the
+report readable."""
 import html.parser
 import json
 
@@ -49,30 +50,52 @@ def test_quick_demo_finds_the_planted_duplicates(quick_demo):
     # the data side needs no training: every planted image is a point mass of the data
     assert summary["lid_data_duplicated"] == [0.0] * len(summary["duplicated_keys"])
     assert summary["auc"]["lpca"] > 0.9
-    # FLIPD's AUC is measured and printed whatever it is (the README records the full demo's)
-    assert 0.0 <= summary["auc"]["flipd"] <= 1.0
+    # FLIPD ranks the planted duplicates below the rest: measured AUC 1.000 with the quick
+    # settings (seed 0; the highest duplicate at FLIPD 18.8, the lowest other digit at 21.0).
+    # The floor 0.95 allows one of the ten duplicates to rise as high as the median of the
+    # others (that alone costs 0.1 x 0.5), not more.
+    assert summary["auc"]["flipd"] >= 0.95
     assert "flipd" in printed and "AUC" in printed and "lpca" in printed
-    # LID_* = 0 and a model LID clamped at >= 0 cannot be OD-Mem: the duplicates are DD-Mem
-    assert set(summary["duplicated_keys"]) <= set(summary["flagged"]["dd_mem"])
     assert sum(summary["classes"].values()) == 1797
+
+
+def test_quick_demo_classes_follow_the_rule(quick_demo):
+    """The demo's classes are classify_memorization's on FLIPD (clamped to [0, d], mapped by the
+    ratio of medians, margin 'mad') and LID_*; a duplicate (LID_* = 0) is DD-Mem only where the
+    model reproduces it (its scaled FLIPD within the margin), otherwise "none" -- never OD-Mem."""
+    import mmh_fast
+
+    _, out, _ = quick_demo
+    d = pq.read_table(out / "results.parquet").to_pydict()
+    flipd, lid = np.clip(np.array(d["flipd"]), 0, 64), np.array(d["lpca"], dtype=np.float64)
+    ref = mmh_fast.classify_memorization(flipd, lid, scale="median_ratio", margin="mad")
+    assert list(d["mem_class"]) == ref.labels.tolist()
+    dup = np.array(d["duplicated"])
+    assert (lid[dup] == 0).all()
+    reproduced = flipd[dup] * ref.scale <= ref.margin
+    assert (ref.labels[dup] == np.where(reproduced, "dd_mem", "none")).all()
+    # measured: 9 of the 10 planted images reproduced by the quick model (the 10th at FLIPD 18.8,
+    # margin 17.4); a floor of 8 leaves room for one more on another platform
+    assert reproduced.sum() >= 8
 
 
 def test_quick_demo_files(quick_demo):
     _, out, _ = quick_demo
-    t = pq.read_table(out / "results.parquet")
-    assert t.num_rows == 1797
+    t = pq.read_table(out / "scan" / "results.parquet")
+    assert t.num_rows == 690
     d = t.to_pydict()
-    assert len(set(d["key"])) == 1797
-    assert sum(d["duplicated"]) == 10 and all(n == 50 for n, dup in zip(d["n_copies"], d["duplicated"]) if dup)
-    assert all(np.isfinite(d["flipd"])) and set(d["mem_class"]) <= {"od_mem", "dd_mem", "none"}
+    assert len(set(d["key"])) == 690 and all(np.isfinite(d["flipd"]))
     meta = json.loads(t.schema.metadata[b"mmh_fast"])
-    assert meta["metrics"]["lpca"]["lower_is_memorized"] is True
-    g = pq.read_table(out / "generations.parquet").to_pydict()
-    assert len(g["calibrated_l2"]) == 128 and min(g["calibrated_l2"]) >= 0
-    assert (out / "labels.csv").read_text().count("duplicated") == 10
+    assert meta["metrics"]["flipd"]["lower_is_memorized"] is True
+    c = pq.read_table(out / "scan" / "classes.parquet").to_pydict()
+    assert set(c["label"]) <= {"od_mem", "dd_mem", "none"} and len(c["label"]) == 690
+    lid = pq.read_table(out / "lid" / "lid_data.parquet").to_pydict()
+    assert sum(n > 0 for n in lid["n_copies"]) == 10 * 10  # every file of a duplicated digit has copies
+    assert len(list((out / "generations").glob("*.png"))) == 128
+    assert (out / "labels.csv").read_text().count("duplicated") == 10 * 10
     page = (out / "report" / "report.html").read_text()
     p = _Tags()
     p.feed(page)
     imgs = [a["src"] for tag, a in p.tags if tag == "img"]
     assert len(imgs) >= 3 and all(src.startswith("data:image/png;base64,") for src in imgs)
-    assert "roc.png" in {f.name for f in (out / "report").iterdir()}
+    assert {"roc.png", "mmh_scatter.png", "generations.png"} <= {f.name for f in (out / "report").iterdir()}
