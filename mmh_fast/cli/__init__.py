@@ -371,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true", help="print only errors")
     tr.set_defaults(func=_cmd_train)
 
+    from .lab import add_lab_parser  # the memorization lab (mmh_fast.lab)
+
+    add_lab_parser(sub)
+
     ls = sub.add_parser("metrics", help="list the available metrics", description="List the registered metrics.")
     ls.add_argument("--plugin", action="append", metavar="MODULE", help="import a plugin module first; repeatable")
     ls.set_defaults(func=_cmd_metrics)

@@ -1,0 +1,14 @@
+"""The memorization lab: a real diffusers text-to-image model trained here on
+CPU (scikit-learn's digits, upscaled) with planted DD-Mem and OD-Mem, its
+ground truth checked by generation, and every detector of the library
+measured on it through the public API.
+
+- :func:`build`: train (or reuse) the lab in a directory.
+- :func:`ground_truth`: generate n images per prompt with the pipeline's own
+  ``__call__`` and flag copies by calibrated l2 < 1/3.
+"""
+from .build import Lab, build
+from .training import LabConfig
+from .truth import COPY_THRESHOLD, copy_scores, generate_images, ground_truth
+
+__all__ = ["build", "Lab", "LabConfig", "ground_truth", "generate_images", "copy_scores", "COPY_THRESHOLD"]

@@ -1,0 +1,280 @@
+"""``run_lab``: build (or reuse) the lab, verify its ground truth by
+generation, run the measurements and write lab.json, Parquet tables and a
+report (report.md + report.html, PNG figures)."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from .build import build
+from .measure import attribution, detection, digit_classifier, mitigation
+from .truth import COPY_THRESHOLD, ground_truth
+
+DETECTORS = ("cfg_norm_1", "cfg_norm_traj", "A_cfg", "A_score", "A_flipd", "flipd_gen_cond", "flipd_gen_uncond")
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"mmh-fast lab: {msg}", file=sys.stderr, flush=True)
+
+
+def verify(lab, pipe=None, *, prompts=None, train_images=None, return_images: bool = False) -> dict:
+    """Ground truth of every prompt of ``lab`` (its recipe's guidance scale, DDIM
+    steps and ``n_generations``), with the planted/verified summary."""
+    cfg = lab.config
+    pipe = pipe or lab.load_pipeline()
+    prompts = prompts if prompts is not None else lab.prompts()
+    train_images = train_images if train_images is not None else lab.train_images()
+    gt = ground_truth(pipe, [p["prompt"] for p in prompts], train_images, n=cfg.n_generations,
+                      guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps, seed=lab.seed,
+                      return_images=return_images)
+    kinds = np.array([p["kind"] for p in prompts])
+    planted = np.isin(kinds, ["dd", "od"])
+    mem = gt["memorized"]
+    summary = {"planted": int(planted.sum()), "planted_memorized": int((planted & mem).sum()),
+               "not_planted": int((~planted).sum()), "not_planted_not_memorized": int((~planted & ~mem).sum()),
+               "by_kind": {k: {"prompts": int((kinds == k).sum()), "memorized": int(((kinds == k) & mem).sum()),
+                               "median_min_l2": float(np.median(gt["min_l2"][kinds == k]))}
+                           for k in ("dd", "od", "generic", "heldout") if (kinds == k).any()}}
+    gt["summary"] = summary
+    gt["planted"] = planted
+    return gt
+
+
+def _fig_roc(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for r in rows:
+        if r["fpr"]:
+            ax.plot(r["fpr"], r["tpr"], label=f"{r['detector']} (AUC {r['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fig_scatter(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for r in rows:
+        ax.scatter(r["alignment"], r["copy_rate"])
+        ax.annotate(r["method"], (r["alignment"], r["copy_rate"]), fontsize=7)
+    ax.set_xlabel("alignment (digit classifier agrees with the caption; stands in for CLIP score)")
+    ax.set_ylabel("copy rate (calibrated l2 < 1/3)")
+    ax.xaxis.label.set_fontsize(7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fig_hist(values, kinds, path, xlabel):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for k in ("dd", "od", "generic", "heldout"):
+        v = values[kinds == k]
+        if len(v):
+            ax.hist(v, bins=30, alpha=0.5, label=k)
+    ax.axvline(COPY_THRESHOLD, color="k", ls=":", lw=0.8)
+    ax.set_xlabel(xlabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _table_md(rows, cols) -> str:
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _write_parquet(path, columns: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+
+
+def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, progress: bool = True,
+            max_attribution: int | None = None, max_mitigation: int | None = None) -> dict:
+    """Everything ``mmh-fast lab`` does; returns the lab.json content."""
+    import torch
+
+    out = os.fspath(out)
+    t_all = time.time()
+    lab = build(out, size=size, seed=seed, threads=threads, progress=progress)
+    cfg = lab.config
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        pipe = lab.load_pipeline()
+        prompts = lab.prompts()
+        train_rows = lab.train()
+        train_images = lab.train_images()
+        res = {"size": size, "seed": seed, "config": cfg.to_dict(), "build": lab.record}
+        kinds = np.array([p["kind"] for p in prompts])
+        texts = [p["prompt"] for p in prompts]
+
+        _say(progress, f"ground truth: {len(texts)} prompts x {cfg.n_generations} generations")
+        t = time.time()
+        gt = verify(lab, pipe, prompts=prompts, train_images=train_images, return_images=True)
+        res["ground_truth"] = {**gt["summary"], "seconds": time.time() - t, "threshold": COPY_THRESHOLD,
+                               "guidance_scale": cfg.guidance_scale, "num_inference_steps": cfg.num_inference_steps,
+                               "n_generations": cfg.n_generations}
+        keys = [r["key"] for r in train_rows]
+        _write_parquet(os.path.join(out, "ground_truth.parquet"), {
+            "prompt": texts, "kind": kinds.tolist(), "planted": gt["planted"].tolist(),
+            "memorized": gt["memorized"].tolist(), "min_l2": gt["min_l2"].tolist(),
+            "copy_rate": gt["copy_rate"].tolist(), "nearest_key": [keys[i] for i in gt["nearest"]]})
+        _say(progress, f"ground truth: {json.dumps(gt['summary'])}")
+        labels = gt["memorized"]
+
+        _say(progress, "detection")
+        det = detection(pipe, texts, labels, guidance_scale=cfg.guidance_scale,
+                        num_inference_steps=cfg.num_inference_steps, num_images=cfg.n_generations, seed=seed,
+                        generations=gt["images"])
+        from .measure import roc_stats
+
+        for r in det:
+            r["auc_vs_planted"] = roc_stats(r["scores"], gt["planted"])["auc"]
+        res["detection"] = [{k: v for k, v in r.items() if k not in ("scores", "fpr", "tpr")} for r in det]
+        _write_parquet(os.path.join(out, "detection.parquet"),
+                       {"prompt": texts, "memorized": labels.tolist(), "planted": gt["planted"].tolist(),
+                        **{r["detector"]: r["scores"] for r in det}})
+
+        _say(progress, "attribution")
+        trig = [(p["prompt"], p["trigger"]) for p, m in zip(prompts, labels) if p["trigger"] and m]
+        if max_attribution is not None:
+            trig = trig[:max_attribution]
+        att = attribution(pipe, [a for a, _ in trig], [b for _, b in trig], guidance_scale=cfg.guidance_scale,
+                          num_inference_steps=cfg.num_inference_steps, seed=seed) if trig else []
+        res["attribution"] = [{**r, "prompts": len(trig)} for r in att]
+
+        _say(progress, "mitigation")
+        mem_idx = [i for i in range(len(prompts)) if labels[i]]
+        if max_mitigation is not None:
+            mem_idx = mem_idx[:max_mitigation]
+        mit = mitigation(pipe, [texts[i] for i in mem_idx], [prompts[i]["digit"] for i in mem_idx], train_images,
+                         guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps,
+                         n=cfg.n_generations, seed=seed, predict=digit_classifier(seed)) if mem_idx else []
+        res["mitigation"] = [{k: v for k, v in r.items() if k != "new_prompts"} | {"prompts": len(mem_idx)}
+                             for r in mit]
+        res["seconds_total"] = time.time() - t_all
+        _report(out, res, det, gt, kinds, mit)
+        with open(os.path.join(out, "lab.json"), "w") as f:
+            json.dump(res, f, indent=1, default=float)
+        return res
+    finally:
+        torch.set_num_threads(old)
+
+
+def _report(out, res, det, gt, kinds, mit) -> None:
+    figs = {}
+    fig_dir = os.path.join(out, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    figs["roc"] = os.path.join(fig_dir, "roc.png")
+    _fig_roc(det, figs["roc"], "prompt-level detection vs verified memorization")
+    figs["copy"] = os.path.join(fig_dir, "min_l2_by_kind.png")
+    _fig_hist(gt["min_l2"], kinds, figs["copy"], "smallest calibrated l2 over a prompt's generations")
+    if mit:
+        figs["mitigation"] = os.path.join(fig_dir, "mitigation.png")
+        _fig_scatter(mit, figs["mitigation"])
+    g = res["ground_truth"]
+    md = [f"# Memorization lab ({res['size']}, seed {res['seed']})", "",
+          f"Build: {res['build'].get('seconds', {}).get('total', float('nan')):.0f} s of training; "
+          f"whole run {res['seconds_total']:.0f} s.", "",
+          "## Ground truth by generation", "",
+          f"{g['n_generations']} generations per prompt (guidance {g['guidance_scale']}, "
+          f"{g['num_inference_steps']} DDIM steps); memorized = some generation has calibrated l2 < 1/3.", "",
+          f"- planted prompts verified memorized: {g['planted_memorized']} / {g['planted']}",
+          f"- non-planted prompts verified not memorized: {g['not_planted_not_memorized']} / {g['not_planted']}", "",
+          _table_md([{"kind": k, **v} for k, v in g["by_kind"].items()], ["kind", "prompts", "memorized",
+                                                                          "median_min_l2"]), "",
+          "![copy](figures/min_l2_by_kind.png)", "",
+          "## Prompt-level detection", "",
+          "Scores oriented so that high = memorized (sign -1: the quantity is negated). AUC and TPR@1%FPR "
+          "against the verified label; auc_vs_planted against the planted one.", "",
+          _table_md(res["detection"], ["detector", "what", "sign", "auc", "tpr_at_1fpr", "auc_vs_planted",
+                                       "seconds_per_prompt"]), "",
+          "![roc](figures/roc.png)", "",
+          "## Token attribution (trigger-token prompts)", "",
+          _table_md(res["attribution"], ["metric", "prompts", "top1", "top3", "seconds_per_prompt"]), "",
+          "## Mitigation (verified-memorized prompts)", "",
+          "Alignment: a scikit-learn digit classifier (logistic regression on the 8x8 digits) predicts each "
+          "generation's digit; the fraction matching the caption's digit word stands in for CLIP score.", "",
+          _table_md(res["mitigation"], ["method", "prompts", "copy_rate", "alignment", "median_l2",
+                                        "seconds_per_prompt"]), ""]
+    if mit:
+        md += ["![mitigation](figures/mitigation.png)", ""]
+    text = "\n".join(md)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(text)
+    html = _md_to_html(text, out)
+    with open(os.path.join(out, "report.html"), "w") as f:
+        f.write(html)
+
+
+def _md_to_html(md: str, base: str) -> str:
+    """A minimal Markdown -> self-contained HTML (headings, tables, lists, images inlined as base64)."""
+    import html as H
+
+    out, in_table = ["<!doctype html><html><head><meta charset='utf-8'><title>mmh-fast lab</title>"
+                     "<style>body{font-family:sans-serif;max-width:60em;margin:auto}"
+                     "td,th{border:1px solid #ccc;padding:2px 6px}table{border-collapse:collapse}</style>"
+                     "</head><body>"], False
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if all(set(c) <= set("-") for c in cells):
+                continue
+            if not in_table:
+                out.append("<table>")
+                in_table = True
+                out.append("<tr>" + "".join(f"<th>{H.escape(c)}</th>" for c in cells) + "</tr>")
+            else:
+                out.append("<tr>" + "".join(f"<td>{H.escape(c)}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            out.append("</table>")
+            in_table = False
+        if line.startswith("!["):
+            path = line[line.index("(") + 1:-1]
+            with open(os.path.join(base, path), "rb") as f:
+                b64 = base64.b64encode(f.read()).decode()
+            out.append(f"<img src='data:image/png;base64,{b64}'>")
+        elif line.startswith("#"):
+            n = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{n}>{H.escape(line[n:].strip())}</h{n}>")
+        elif line.startswith("- "):
+            out.append(f"<li>{H.escape(line[2:])}</li>")
+        elif line.strip():
+            out.append(f"<p>{H.escape(line)}</p>")
+    if in_table:
+        out.append("</table>")
+    out.append("</body></html>")
+    return "\n".join(out)
