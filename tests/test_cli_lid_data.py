@@ -137,6 +137,13 @@ def test_vector_column_of_a_parquet_source(tmp_path, capsys):
     ref = mmh_fast.lpca(torch.from_numpy(x[keep]), k=20, rule="paper", progress=False).numpy()
     assert [r["lid_data"] for r in rows if r["error"] is None] == ref.tolist()
     assert all(r["lid_data"] == 0 for r in rows[-20:])
+    # a column without nulls is read without Python lists (fixed-size lists too): the same LIDs
+    vals = pa.FixedSizeListArray.from_arrays(pa.array(x[keep].reshape(-1)), x.shape[1])
+    pq.write_table(pa.table({"id": [k for k, m in zip(keys, keep) if m], "emb": vals}), tmp_path / "dense.parquet")
+    rc, err = _run(capsys, "--data", tmp_path / "dense.parquet", "--out", tmp_path / "dense", "--features", "emb",
+                   "--k", 20, "--unit-size", 64)
+    assert rc == 0, err
+    assert [r["lid_data"] for r in _rows(tmp_path / "dense")] == ref.tolist()
     # a folder has no vector column; an unknown column is named
     rc, err = _run(capsys, "--data", tmp_path / "emb.parquet", "--out", tmp_path / "o2", "--features", "clip")
     assert rc == 2 and "has no such column" in err and "emb" in err

@@ -196,12 +196,18 @@ def _vector_units(source, column, unit_size):
         if source.num_samples is not None and row >= source.num_samples:
             return
         n = min(batch.num_rows, source.num_samples - row)
-        vals = batch.column(column).to_pylist()[:n]
+        col = batch.column(column).slice(0, n)
+        fast = _dense_vectors(col)
         keys = ([str(k) for k in batch.column(source.key_column).to_pylist()[:n]] if source.key_column
                 else [str(row + j) for j in range(n)])
         locs = [f"{source.path}::row={row + j}" for j in range(n)]
+        if fast is not None:
+            yield unit, keys, locs, list(range(n)), [None] * n, list(fast)
+            row += n
+            unit += 1
+            continue
         errors, feats = [], []
-        for v in vals:
+        for v in col.to_pylist():
             if v is None or not isinstance(v, (list, tuple)) or not v:
                 errors.append(f"column {column!r} holds {'null' if v is None else type(v).__name__}, "
                               "expected a vector of numbers")
@@ -217,6 +223,30 @@ def _vector_units(source, column, unit_size):
         yield unit, keys, locs, list(range(n)), errors, feats
         row += n
         unit += 1
+
+
+def _dense_vectors(col):
+    """float32 [n, D] of a list / fixed-size-list column without nulls whose rows all have
+    one length and finite values (the usual embedding column), without Python lists;
+    None otherwise (the row-by-row path then names the bad rows)."""
+    import pyarrow as pa
+
+    t = col.type
+    if col.null_count or not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
+        return None
+    if not (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
+        return None
+    n = len(col)
+    flat = col.flatten()
+    if n == 0 or len(flat) % n or flat.null_count:
+        return None
+    if not pa.types.is_fixed_size_list(t):
+        offsets = col.offsets.to_numpy()
+        lengths = np.diff(offsets)
+        if not (lengths == lengths[0]).all() or lengths[0] == 0:
+            return None
+    x = flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, -1)
+    return x if np.isfinite(x).all() else None
 
 
 def _unit_path(out, index):
@@ -252,7 +282,8 @@ def _features_phase(cfg, source, progress, say):
         row[ok] = np.arange(len(ok))
         _save_npz_atomic(_unit_path(cfg.out, unit), keys=np.array(keys, dtype=object),
                          locs=np.array(locs, dtype=object), pos=np.array(pos, np.int64),
-                         errors=np.array(errors, dtype=object), row=row, x=x)
+                         errors=np.array(errors, dtype=object), row=row, x=x, n_ok=np.int64(len(ok)),
+                         dim=np.int64(x.shape[1] if len(ok) else 0))
         progress.update(len(keys), sum(e is not None for e in errors))
 
     done = {int(os.path.basename(p)[1:8]) for p in glob.glob(os.path.join(cfg.out, "units", "u*.npz"))}
@@ -282,8 +313,8 @@ def _gather(cfg, source):
 
     paths = sorted(glob.glob(os.path.join(cfg.out, "units", "u*.npz")))
     units = [np.load(p, allow_pickle=True) for p in paths]
-    n_ok = sum(int((u["row"] >= 0).sum()) for u in units)
-    dims = {u["x"].shape[1] for u in units if u["x"].shape[0]}
+    n_ok = sum(int(u["n_ok"]) for u in units)
+    dims = {int(u["dim"]) for u in units if int(u["n_ok"])}
     if len(dims) > 1:
         raise UserError(f"the features have different lengths across units ({sorted(dims)}); "
                         "pass --image-size to bring all images to one size")
@@ -343,10 +374,20 @@ def _tie_aware_recall(x, rows, found, k):
     return float(hits.to(torch.float64).mean() / k)
 
 
-def _exact_distances(x, rows, nb):
-    """float64 [len(rows), k] distances |x[rows] - x[nb]|."""
-    q = x[rows].to(torch.float64).unsqueeze(1)
-    return (x[nb.reshape(-1)].to(torch.float64).reshape(*nb.shape, -1) - q).pow(2).sum(-1).sqrt()
+def _exact_distances(x, rows, nb, *, block: int = 256):
+    """float64 [len(rows), k] distances |x[rows] - x[nb]|, ``block`` rows at a time
+    (the gathered neighbours of a block: block x k x D float64)."""
+    out = torch.empty(nb.shape, dtype=torch.float64)
+    for b0 in range(0, len(rows), block):
+        q = x[rows[b0:b0 + block]].to(torch.float64).unsqueeze(1)
+        nbb = nb[b0:b0 + block]
+        out[b0:b0 + block] = (x[nbb.reshape(-1)].to(torch.float64).reshape(*nbb.shape, -1) - q).pow(2).sum(-1).sqrt()
+    return out
+
+
+def _mean_sq_norm(x, block: int = 65536) -> float:
+    """mean_i |x_i|^2 in float64, a block at a time (no float64 copy of the data)."""
+    return sum(float(x[b:b + block].to(torch.float64).pow(2).sum()) for b in range(0, x.shape[0], block)) / x.shape[0]
 
 
 def _drop_self(ids, rows, k):
@@ -490,7 +531,7 @@ def _neighbour_phase(cfg, x, progress, say):
     paper = None
     if cfg.rule == "paper":
         # as lpca(rule="paper") with its defaults (quantile 0.1, 100,000 pairs) and --seed
-        paper = (_pair_distance_quantile(x, 0.1, 100_000, cfg.seed), float(x.to(torch.float64).pow(2).sum(1).mean()))
+        paper = (_pair_distance_quantile(x, 0.1, 100_000, cfg.seed), _mean_sq_norm(x))
     report = {"kind": "exact"}
     if cfg.index == "exact":
         search = _exact_knn(x, cfg.k)
