@@ -337,6 +337,16 @@ def test_empty_data_and_positional_k(fn):
     assert fn(_small(60), k=20).shape == (60,)
 
 
+def test_local_pca_estimator_positional_k_and_bad_transform():
+    x = _small(60)
+    est = mmh_fast.LocalPCA(20, "kaiser").fit(x)  # the estimator's parameters stay positional (k, rule, alpha)
+    np.testing.assert_array_equal(est.lid_, mmh_fast.lpca(x, k=20, rule="kaiser"))
+    with pytest.raises(TypeError, match=r"transform\(X\) takes points"):
+        est.transform(20)
+    with pytest.raises(ValueError, match="data is empty"):
+        mmh_fast.LocalPCA(k=5).fit(np.zeros((0, 10)))
+
+
 @pytest.fixture(scope="module")
 def raw_digits():
     """scikit-learn's digits as they ship: integer pixels 0..16, several

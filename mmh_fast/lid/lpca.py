@@ -323,6 +323,8 @@ class LocalPCA:
             raise RuntimeError("LocalPCA is not fitted yet: call fit(X) first")
         if X is None:
             return self.lid_
+        if isinstance(X, numbers.Number):
+            raise TypeError(f"LocalPCA.transform(X) takes points [M, n_features] (or nothing), got the number {X!r}")
         return lpca(self._X, X, **self._opts())
 
     def fit_transform(self, X, y=None):

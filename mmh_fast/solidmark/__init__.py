@@ -41,7 +41,7 @@ from .inpaint import evaluate
 from .keyfiles import KeyTable, load_keys, save_keys
 from .keys import SolidMark
 from .repaint import _level_path, _Noise, _repaint, _time_levels  # noqa: F401 (tests drive the loop directly)
-from .results import DEFAULT_DELTAS, SolidMarkResult, chance_rate, eidetic_table
+from .results import DEFAULT_DELTAS, SolidMarkResult, chance_rate, eidetic_table  # noqa: F401
 
 __all__ = [
     "SolidMark",
