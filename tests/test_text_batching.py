@@ -190,11 +190,13 @@ def test_default_chunk_sizes_come_from_the_model_and_input_size(monkeypatch):
     assert max(pipe.unet.calls) == 6
     monkeypatch.undo()
     _close(got, cfg_norm(tiny_sd(dtype=torch.float64), PROMPTS, num_images=3, steps=(0, 2), num_inference_steps=5))
-    # the A-metrics keep a graph: chunks of at most the backward estimate
+    # differentiable A^CFG: the evaluated steps (0 and 4) keep a graph, 3x the estimate: 1 row (2 UNet
+    # rows) per call; the sampling steps between them run 3 rows (6 UNet rows) per call
     monkeypatch.setattr(batching, "CPU_BUDGET_BYTES", 3 * per)
     pipe.unet.calls.clear()
-    memorization_score(pipe, PROMPTS, metric="cfg", num_images=3, num_inference_steps=5, max_timesteps=1)
-    assert max(pipe.unet.calls) <= 6 and min(pipe.unet.calls) >= 2
+    emb = encode_prompts(pipe, PROMPTS).detach().requires_grad_(True)
+    memorization_score(pipe, emb, metric="cfg", num_images=3, num_inference_steps=5, max_timesteps=2)
+    assert pipe.unet.calls == [2] * 9 + [6] * 3 * 3 + [2] * 9
     # VAE: count the encoder's rows
     vae_per = batching.per_sample_bytes(pipe.vae, (3, 8, 8))
     monkeypatch.setattr(batching, "CPU_BUDGET_BYTES", 2 * vae_per)
