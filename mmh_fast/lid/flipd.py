@@ -58,7 +58,7 @@ FLIPD_TRACES = ("auto", "exact", "hutchinson")
 FLIPD_METHODS = ("vjp", "jvp")
 #: ``trace="auto"`` takes the exact trace up to this dimension
 EXACT_TRACE_MAX_DIM = 64
-#: rows per network call in the replicated (exact / jvp) paths when batch_size is not given
+#: with an explicit batch_size, the replicated (exact / jvp) paths still take up to this many rows per call
 _DEFAULT_ROWS = 256
 
 
