@@ -37,7 +37,10 @@ d - LID and NB(x, t0) = d - rank S.
   K - 1 centred, K otherwise. A point is *determined* when its decisiveness
   exceeds 1 and its rank is below the cap min(K_eff, d) or equals d. The
   untrained network: all undetermined; the mixtures at t0 = 0.01-0.1: all
-  determined and exact. ``undetermined="warn"`` (default) warns with the count;
+  determined and exact. A trained network (an MLP denoiser, d = 8, trained
+  3000 steps on 200 points of a plane plus one point duplicated 100 times):
+  plane points LID 2, the duplicate LID 0, all determined (decisiveness
+  1.2-5.3 at t0 = 0.05 and 0.1). ``undetermined="warn"`` (default) warns with the count;
   ``"nan"`` gives NaN there (float64 result), ``"raise"`` an error, ``"ignore"``
   nothing; ``return_details=True`` returns the mask and the decisiveness.
 - The default stays ``rule="ratio"``: on the closed-form mixtures it is exact for
