@@ -1,4 +1,4 @@
-"""Data sources for ``mmh-fast scan``: where images and captions come from.
+"""Data sources for ``mmh-fast scan`` and ``lid-data``: where images and captions come from.
 
 Three kinds, chosen from the SOURCE argument:
 
@@ -12,6 +12,16 @@ Three kinds, chosen from the SOURCE argument:
   folder unless absolute, or the encoded image bytes, or a
   ``{"bytes": ..., "path": ...}`` struct as Hugging Face datasets write it) and
   an optional caption and key column.
+
+Keys. Every command (``scan``, ``lid-data``, ``classify``, ``report``) keys a
+sample by these rules, so their outputs join on ``key``:
+
+* folder: the path relative to the folder, with its extension,
+  ``/``-separated (``cats/001.jpg``);
+* WebDataset shards: the WebDataset key, the member's path up to the first
+  dot of its basename (``000123`` for ``000123.jpg``);
+* tables: the key column (``--key-column``, else ``key``, ``id`` or
+  ``image_id``; it must be unique), else the row number as a string.
 
 Work is cut into *units* (one shard, or ``unit_size`` consecutive files/rows),
 the granule of distribution across torchrun ranks and of resumption: a
