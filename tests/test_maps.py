@@ -172,3 +172,23 @@ def test_bad_input_names_the_argument():
     bad.unet = _NaNNet(bad.unet.config)
     with pytest.raises(FloatingPointError, match=r"prompts\[0\] = 'a dog'"):
         score_difference_map(bad, "a dog", num_inference_steps=2)
+
+
+def test_map_overlay_blends_red_by_the_normalised_map():
+    from mmh_fast.text.maps import map_overlay
+
+    img = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    m = torch.zeros(2, 4, 4)
+    m[0, 1, 2] = 5.0  # the maximum: full alpha
+    m[0, 0, 0] = 2.5  # half of it
+    out = map_overlay(img, m, alpha=0.8)
+    red = torch.tensor([1.0, -1.0, -1.0])
+    torch.testing.assert_close(out[0, :, 1, 2], 0.2 * img[0, :, 1, 2] + 0.8 * red)
+    torch.testing.assert_close(out[0, :, 0, 0], 0.6 * img[0, :, 0, 0] + 0.4 * red)
+    keep = m[0] == 0
+    torch.testing.assert_close(out[0][:, keep], img[0][:, keep])
+    torch.testing.assert_close(out[1], img[1])  # an all-zero map draws nothing
+    with pytest.raises(ValueError, match="do not match images"):
+        map_overlay(img, torch.zeros(2, 8, 8))
+    with pytest.raises(ValueError, match="non-negative"):
+        map_overlay(img, -torch.ones(2, 4, 4))

@@ -58,9 +58,9 @@ __all__ += ["hessian_score_difference_norm", "hessian_eigenvalues", "optimize_in
 from .anisotropy import NormAlignment, adapt_prompt_embedding, norm_alignment_score  # noqa: E402
 
 __all__ += ["norm_alignment_score", "NormAlignment", "adapt_prompt_embedding"]
-from .maps import curvature_difference_map, map_localization, score_difference_map  # noqa: E402
+from .maps import curvature_difference_map, map_localization, map_overlay, score_difference_map  # noqa: E402
 
-__all__ += ["curvature_difference_map", "score_difference_map", "map_localization"]
+__all__ += ["curvature_difference_map", "score_difference_map", "map_localization", "map_overlay"]
 from .attention import (cross_attention_entropy, cross_attention_layers,  # noqa: E402
                         cross_attention_probabilities, generate_attention_rescaled)
 

@@ -14,7 +14,8 @@ and the Hessian difference H_Delta = H_c - H_u = -J_Delta / sigma
   on Jacobian-vector products;
 - :func:`score_difference_map`: Delta s(p) = sum_k (s_c - s_u)[k, p]^2, its
   first-order surrogate (no Jacobian);
-- :func:`map_localization`: ROC AUC and IoU of a map against a known region.
+- :func:`map_localization`: ROC AUC and IoU of a map against a known region;
+- :func:`map_overlay`: maps drawn over their images (red), for reports.
 
 Both maps are taken at a late step of the CFG DDIM trajectory (the last, by
 default, as in the authors' code), per latent position, and for latent
@@ -30,7 +31,7 @@ from ..ops.hutchinson import hutchinson_probes
 from ._core import check_int
 from ._geometry import check_scores, check_step, eps_pair_jvp, points_at, row_chunks, setup
 
-__all__ = ["curvature_difference_map", "score_difference_map", "map_localization"]
+__all__ = ["curvature_difference_map", "score_difference_map", "map_localization", "map_overlay"]
 
 
 def _upsample(maps: torch.Tensor, tp, upsample: bool) -> torch.Tensor:
@@ -186,3 +187,40 @@ def map_localization(maps: torch.Tensor, masks: torch.Tensor) -> dict:
         top[vb.argsort(descending=True, stable=True)[:int(n1)]] = True
         iou[b] = float((top & mb).sum()) / float((top | mb).sum())
     return {"auc": auc.reshape(lead), "iou": iou.reshape(lead)}
+
+
+def map_overlay(images: torch.Tensor, maps: torch.Tensor, *, alpha: float = 0.5) -> torch.Tensor:
+    """Memorization maps drawn over their images, for reports: each map is
+    scaled to [0, 1] by its own maximum (m / max m; an all-zero map draws
+    nothing) and blended into the red channel,
+
+        out = (1 - alpha m) * image + alpha m * red,   red = (1, -1, -1),
+
+    so unmarked pixels keep the image and the most memorized ones turn red.
+
+    Args:
+        images: [B, 3, H, W] in [-1, 1] (e.g. :func:`mmh_fast.text.generate` output).
+        maps: [B, H, W] or [B, 1, H, W] non-negative (the maps' image resolution).
+        alpha: opacity at the map's maximum, in [0, 1].
+
+    Returns:
+        float32 [B, 3, H, W] in [-1, 1].
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be a tensor [B, 3, H, W], got {getattr(images, 'shape', type(images))}")
+    if not isinstance(maps, torch.Tensor):
+        raise TypeError(f"maps must be a tensor [B, H, W], got {type(maps).__name__}")
+    m = maps[:, 0] if maps.dim() == 4 and maps.shape[1] == 1 else maps
+    if m.shape != (images.shape[0],) + tuple(images.shape[2:]):
+        raise ValueError(f"maps of shape {tuple(maps.shape)} do not match images {tuple(images.shape)} "
+                         "(pass maps at image resolution, upsample=True)")
+    if not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
+        raise ValueError("maps must be finite and non-negative")
+    a = float(alpha)
+    if not 0 <= a <= 1:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
+    m = m.to(torch.float64)
+    top = m.reshape(m.shape[0], -1).amax(1)
+    w = (a * m / torch.where(top > 0, top, torch.ones_like(top))[:, None, None])[:, None]
+    red = torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64)[None, :, None, None]
+    return ((1 - w) * images.to(torch.float64) + w * red).clamp(-1, 1).float()
