@@ -208,12 +208,12 @@ class TextPipeline:
                                       uncond={"encoder_hidden_states": uncond})
 
     def guided_pair(self, x: torch.Tensor, grid: DDIMGrid, i: int, cond: torch.Tensor, uncond: torch.Tensor,
-                    guidance_scale: float, positions):
+                    guidance_scale: float, positions, *, unit: str = "prompt"):
         """(eps_u, eps_c, eps_u + lambda (eps_c - eps_u)) at step i, each checked
         finite: a NaN / inf row raises NonFiniteOutputError naming the output, the
-        step and ``positions[row]`` (the caller's prompt or image index of each row)."""
+        step and ``positions[row]`` (the caller's ``unit`` index of each row)."""
         e_u, e_c = self.pair(x, grid, i, cond, uncond)
-        at = step_name(grid, i)
+        at = step_name(grid, i, unit)
         check_rows(e_u, f"the UNet's unconditional noise prediction {at}", positions)
         check_rows(e_c, f"the UNet's conditional noise prediction {at}", positions)
         eps = e_u + guidance_scale * (e_c - e_u)
@@ -225,19 +225,19 @@ class TextPipeline:
                eps_fn: Callable | None = None, callback: Callable | None = None, positions=None) -> torch.Tensor:
         """CFG DDIM steps [start, stop) (eps_u + lambda (eps_c - eps_u); see
         :func:`mmh_fast.models.sampling.ddim_trajectory`); without ``eps_fn`` every
-        step's outputs are checked finite (``positions``: the caller's index of each
-        row, default the row itself)."""
+        step's outputs are checked finite (``positions``: the caller's prompt index
+        of each row; default: the row itself)."""
         if eps_fn is None:
-            pos = range(x.shape[0]) if positions is None else positions
+            pos, unit = (range(x.shape[0]), "batch row") if positions is None else (positions, "prompt")
 
             def eps_fn(i, xi):
                 with torch.no_grad():
-                    return self.guided_pair(xi, grid, i, cond, uncond, guidance_scale, pos)[2]
+                    return self.guided_pair(xi, grid, i, cond, uncond, guidance_scale, pos, unit=unit)[2]
         return ddim_trajectory(self.denoiser, x, grid, start=start, stop=stop, eps_fn=eps_fn, callback=callback)
 
 
-def step_name(grid: DDIMGrid, i: int) -> str:
-    return f"at DDIM step {i} (t={grid.times[i]:.3g}; positions are prompt indices)"
+def step_name(grid: DDIMGrid, i: int, unit: str = "prompt") -> str:
+    return f"at DDIM step {i} (t={grid.times[i]:.3g}; positions are {unit} indices)"
 
 
 def text_pipeline(pipe, name: str = "pipe") -> TextPipeline:
