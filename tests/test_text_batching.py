@@ -382,3 +382,12 @@ def test_every_entry_point_names_the_bad_argument():
         M.CaptionWordRepeat(1, seed="x")
     with pytest.raises(TypeError, match="sample_ids"):
         M.CaptionWordRepeat(1).apply(["a b"], sample_ids=5)
+    from mmh_fast.text import OpenAIChatRephraser, evaluate_mitigation, load_clip_score, load_sscd_similarity
+    with pytest.raises(ValueError, match="batch_size"):
+        load_sscd_similarity("model.pt", batch_size=0)
+    with pytest.raises(ValueError, match="scale"):
+        load_clip_score("clip_dir", scale=-1.0)
+    with pytest.raises(TypeError, match="timeout"):
+        OpenAIChatRephraser(timeout="soon")
+    with pytest.raises(TypeError, match="include_original"):
+        evaluate_mitigation(pipe, ["a dog"], ["a cat"], include_original="yes")

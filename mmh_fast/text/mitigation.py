@@ -220,7 +220,7 @@ class OpenAIChatRephraser:
                  transport: Callable | None = None):
         self.model, self.tokenizer, self.temperature = model, tokenizer, temperature
         self.url_env, self.key_env, self.default_url = url_env, key_env, default_url
-        self.timeout = float(timeout)
+        self.timeout = check_float(timeout, "timeout", positive=True)
         self.transport = transport or _urllib_transport
 
     def _original_tokens(self, prompt: str) -> list[str]:
@@ -443,6 +443,8 @@ def evaluate_mitigation(pipe, prompts, new_prompts, *, similarity: Callable | No
         raise ValueError(f"new_prompts must hold one entry (a prompt or a list of prompts) per prompt: "
                          f"{len(prompts)} expected")
     variants = [as_prompts(v, f"new_prompts[{i}]") for i, v in enumerate(new_prompts)]
+    if not isinstance(include_original, bool):
+        raise TypeError(f"include_original must be True or False, got {include_original!r}")
     if clip_against not in ("original", "new"):
         raise ValueError(f"clip_against must be 'original' or 'new', got {clip_against!r}")
     for name, fn in (("similarity", similarity), ("clip_score", clip_score)):
@@ -540,6 +542,8 @@ def load_sscd_similarity(path, *, device=None, size: int = 288, batch_size: int 
     normalisation, the model's [M, E] output L2-normalised; the similarity is
     the cosine of the two descriptors (1 = copy). Nothing is downloaded.
     """
+    size = check_int(size, "size", 1)
+    batch_size = check_int(batch_size, "batch_size", 1)
     dev = _device(device)
 
     def prep(x):
@@ -574,6 +578,8 @@ def load_clip_score(path, *, device=None, batch_size: int = 32, scale: float = 1
     """
     from transformers import AutoTokenizer, CLIPModel
 
+    batch_size = check_int(batch_size, "batch_size", 1)
+    scale = check_float(scale, "scale", positive=True)
     dev = _device(device)
     if not os.path.isdir(str(path)):
         raise FileNotFoundError(f"no CLIP model directory at {path!s}")
