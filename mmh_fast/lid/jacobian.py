@@ -17,6 +17,9 @@ import numpy as np
 import torch
 
 from .. import ops
+# An OOM is always re-raised, never taken for missing forward-mode AD or a
+# failed batched product, whose fallbacks would hide it behind a slower path.
+from ..models.batching import is_oom as _is_oom
 
 __all__ = ["jacobian_rank", "AUTO_RANDOMIZED_MIN_LATENT", "JACOBIAN_BUDGET"]
 
@@ -30,18 +33,6 @@ _N_ERROR_PROBES = 10
 # and inside the counter's 2**34 probe indices (ops.PROBE_INDEX_LIMIT), so they
 # are independent of the sketch's columns (index 2**40 once aliased to 0).
 _ERROR_PROBE_OFFSET = 1 << 33
-
-
-def _is_oom(exc: BaseException) -> bool:
-    """An out-of-memory error (torch.OutOfMemoryError, or a RuntimeError whose
-    message says so, as the CPU and MPS allocators raise): always re-raised, never
-    taken for missing forward-mode AD or a failed batched product, whose
-    fallbacks would hide it behind a slower path."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    msg = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(
-        m in msg for m in ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory"))
 
 
 def _check_generator_output(x, z: torch.Tensor) -> torch.Tensor:
