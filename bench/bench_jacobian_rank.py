@@ -56,3 +56,29 @@ def test_jacobian_rank_vs_autograd_jacobian_loop(benchmark, tier):
     agree = float((ranks == out["ranks"]).double().mean())
     benchmark.extra_info["same_rank_fraction"] = agree
     assert agree == 1.0
+
+
+def linear_generator_of_rank(rank=300, d=400, D=500, seed=0):
+    """G(z) = W z with W = U V^T [D, d] of exact rank ``rank`` (all singular
+    values 1): the case where the sketch's error probes must be independent of
+    its columns (issue 13 item 1: the randomized path once returned 42)."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(D, rank, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(d, rank, generator=g, dtype=torch.float64))[0]
+    W = (U @ V.T).float()
+    return lambda z: z @ W.T
+
+
+@pytest.mark.tier("quick", "full")
+def test_jacobian_rank_randomized_above_the_sketch(benchmark):
+    """Default method (randomized with threshold 0.5) on a rank-300 Jacobian,
+    d = 400: three sketches (42, 84, 168 columns) are rejected by their error
+    bounds, then the exact path. Anchor: method="exact" alone. The ratio is the
+    price of trying sketches on a Jacobian of nearly full rank."""
+    G = linear_generator_of_rank()
+    z = torch.randn(3, 400, generator=torch.Generator().manual_seed(1))
+    ranks = compare(benchmark, lambda: mmh_fast.jacobian_rank(G, z, threshold=0.5),
+                    lambda: mmh_fast.jacobian_rank(G, z, threshold=0.5, method="exact"),
+                    anchor_name='jacobian_rank(method="exact")', rounds=3, warmup=1,
+                    target="the exact rank (300), not the sketch width")
+    assert ranks.tolist() == [300] * 3
