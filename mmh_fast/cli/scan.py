@@ -31,8 +31,8 @@ import torch
 from .. import __version__
 from .errors import UserError
 from ..models.batching import NonFiniteOutputError
-from .metrics import (MetricBatch, MetricContext, as_values, available_metrics, check_options, effective_settings,
-                      load_plugins, resolve_metrics)
+from .metrics import (FALLBACK_T0, MetricBatch, MetricContext, as_values, available_metrics, check_options,
+                      effective_settings, load_plugins, resolve_metrics)
 from .sources import decode_image, open_source, sample_id
 from .writer import (MANIFEST, PartWriter, describe_errors, merge, part_files, read_manifest, read_resume_state,
                      settings_diff, table_metadata, write_json_atomic)
@@ -579,7 +579,7 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
 
         settings = manifest["settings"]["metric_settings"]
         ctxs = {m.name: MetricContext(model=model, device=device, n_probes=cfg.n_probes, seed=cfg.seed,
-                                      t0=settings[m.name].get("t0", cfg.t0 if cfg.t0 is not None else 0.01),
+                                      t0=settings[m.name].get("t0", FALLBACK_T0),
                                       options={k: v for k, v in settings[m.name].items() if k != "t0"})
                 for m in metrics}
         if any(m.needs_model for m in metrics):
