@@ -185,10 +185,24 @@ def run_demo(out: str = "mmh_demo", quick: bool = False, *, config: DemoConfig |
     # on an idle machine and avoids the OpenMP spin-waiting that made training 10x slower
     # on a busy one.
     torch.set_num_threads(1)
+    import warnings
+
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    # diffusers' loading chatter (the accelerate hint, the component type check that a PixelMLP
+    # unet trips, the loading bar, a deprecation in its own from_pretrained) says nothing about
+    # the analysis; the demo's output is the commands and their results
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
     try:
-        return _run(cfg, out, quick, quiet, report)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+            return _run(cfg, out, quick, quiet, report)
     finally:
         torch.set_num_threads(threads)
+        dlog.set_verbosity(level)
+        dlog.enable_progress_bar()
 
 
 def _run(cfg: DemoConfig, out: str, quick: bool, quiet: bool, report: bool) -> DemoResult:
@@ -222,10 +236,13 @@ def _run(cfg: DemoConfig, out: str, quick: bool, quiet: bool, report: bool) -> D
     over = np.sort(rng.choice(np.setdiff1d(np.arange(n), dup), cfg.n_oversampled, replace=False))
     u8 = np.clip(np.rint((images[:, 0] + 1.0) * 127.5), 0, 255).astype(np.uint8)
     folder = os.path.join(out, "images")
-    if os.path.isdir(folder):  # a rerun (another seed) must not keep the last run's copies
-        for f in os.listdir(folder):
-            if f.endswith(".png") or f.endswith(".txt"):
-                os.remove(os.path.join(folder, f))
+    # a rerun (another seed, --quick) starts afresh: scan and lid-data would resume, or refuse, in
+    # the folders of the last run, and its extra copies would stay among the images
+    import shutil
+
+    for sub in ("images", "model", "scan", "lid", "generations", "report"):
+        if os.path.isdir(os.path.join(out, sub)):
+            shutil.rmtree(os.path.join(out, sub))
     names = [f"digit_{i:04d}.png" for i in range(n)]
     _write_pngs(u8, names, folder)
     copy_names = [f"digit_{i:04d}_copy{c:02d}.png" for i in dup for c in range(1, cfg.dup_files)]
