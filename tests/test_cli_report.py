@@ -183,6 +183,11 @@ def test_metric_titles_say_what_a_metric_is():
     assert metric_title("png", meta) == "PNG complexity (bytes)"  # no t0 for a model-free metric
     assert metric_title("lpca", meta) == "local PCA LID_*, rule = paper, k = 100"
     assert metric_title("mine", meta) == "mine: my score"
+    # a scan records each metric's effective t0 (--t0 unset: each metric's own default)
+    scan_meta = {"settings": {"t0": None, "metric_settings": {"flipd": {"t0": 0.05}, "nb": {"t0": 0.1}}},
+                 "metrics": {"flipd": {"lower_is_memorized": True}}}
+    assert metric_title("flipd", scan_meta) == "FLIPD LID_theta, t0 = 0.05"
+    assert metric_title("nb", scan_meta) == "normal-bundle LID_theta, t0 = 0.1"
 
 
 def _write_results(path, keys, sources, flipd, meta=None):

@@ -170,12 +170,15 @@ _TIMED = {"flipd", "flipd_cond", "nb", "cfg_norm_train"}  # metrics read off at 
 
 def metric_title(name: str, meta: dict) -> str:
     """What column ``name`` is, e.g. "FLIPD LID_theta, t0 = 0.05": the metric's own
-    recorded settings (``meta["metrics"][name]``: t0, k, rule) first, then the scan's
-    ``--t0`` for the metrics that have one."""
+    recorded settings (``meta["metrics"][name]``: t0, k, rule) first, then the effective
+    settings the scan ran it with (``meta["settings"]["metric_settings"][name]``), then
+    the scan's ``--t0`` for the metrics that have one."""
     mm = (meta.get("metrics") or {}).get(name) or {}
     st = meta.get("settings") or {}
+    eff = (st.get("metric_settings") or {}).get(name) or {}
     parts = []
-    t0 = mm.get("t0", st.get("t0") if name in _TIMED else None)
+    t0 = next((v for v in (mm.get("t0"), eff.get("t0"), st.get("t0") if name in _TIMED else None)
+               if v is not None), None)
     if t0 is not None:
         parts.append(f"t0 = {_fmt(float(t0))}")
     for k in ("rule", "k"):
