@@ -7,8 +7,8 @@ measured on it through the public API.
 - :func:`ground_truth`: generate n images per prompt with the pipeline's own
   ``__call__`` and flag copies by calibrated l2 < 1/3.
 """
-from .build import Lab, build
+from .build import Lab, build, load_checkpoint, save_checkpoint
 from .training import LabConfig
 from .truth import COPY_THRESHOLD, copy_scores, generate_images, ground_truth
 
-__all__ = ["build", "Lab", "LabConfig", "ground_truth", "generate_images", "copy_scores", "COPY_THRESHOLD"]
+__all__ = ["build", "Lab", "save_checkpoint", "load_checkpoint", "LabConfig", "ground_truth", "generate_images", "copy_scores", "COPY_THRESHOLD"]

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from .data import LabData, make_data, png_bytes, vocabulary, write_tokenizer
-from .training import (LabConfig, make_text_encoder, make_unet, make_vae, sampling_scheduler, set_threads,
-                       train_denoiser, train_vae)
+from .training import (LabConfig, make_text_encoder, make_unet, make_vae, refine_decoder, sampling_scheduler,
+                       set_threads, train_denoiser, train_vae)
 
 BUILD_FILE = "build.json"
 FORMAT = 1
@@ -85,6 +85,12 @@ def _write_tokenizer(directory: str, words: list[str], max_length: int):
     if bad:
         raise RuntimeError(f"lab tokenizer: the words {bad} are not single tokens")
     return tok
+
+
+def _write_vocab_files(pipeline_dir: str, words: list[str], max_length: int) -> None:
+    """vocab.json and merges.txt beside the tokenizer.json that save_pretrained writes,
+    so that CLIPTokenizer loads the lab's vocabulary with any transformers version."""
+    _write_tokenizer(os.path.join(pipeline_dir, "tokenizer"), words, max_length)
 
 
 def _expected(size: str, seed: int, config: LabConfig) -> dict:
@@ -173,10 +179,12 @@ def _train(out_dir: str, cfg: LabConfig, seed: int, progress) -> dict:
 
     tr = train_denoiser(unet, text, lat, enc.input_ids, empty, data.stream_weight, cfg,
                         seed=seed + 4, progress=progress)
+    vae_stats.update(refine_decoder(vae, images, cfg, seed=seed + 5, progress=progress))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
                                    scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(pdir, safe_serialization=True)
+    _write_vocab_files(pdir, vocabulary(data), cfg.max_length)
     _write_tables(out_dir, data, tr["stream_count"])
     return {"vae": vae_stats, "loss_curve": tr["loss_curve"], "seconds": {"vae": t_vae,
                                                                            "denoiser": tr["train_seconds"],
@@ -203,3 +211,58 @@ def _write_tables(out_dir: str, data: LabData, stream_count: np.ndarray) -> None
         "trigger": pa.array([p["trigger"] for p in pr], type=pa.string()), "split": [p["split"] for p in pr],
         "digit": [p["digit"] for p in pr],
     }), os.path.join(out_dir, "prompts.parquet"))
+
+
+CHECKPOINT_FILES = ("build.json", "prompts.parquet", "train.parquet")
+
+
+def save_checkpoint(lab: Lab, directory, *, command: str | None = None) -> None:
+    """A compact copy of a built lab: the pipeline with float16 weights (about half
+    the bytes), the tables and build.json (plus ``command``, how it was built,
+    in CHECKPOINT.txt). :func:`load_checkpoint` turns it back into a lab directory."""
+    import shutil
+
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    pipe = lab.load_pipeline()
+    pipe.to(torch.float16)
+    pipe.save_pretrained(os.path.join(directory, "pipeline"), safe_serialization=True)
+    _copy_vocab_files(lab.pipeline_dir, os.path.join(directory, "pipeline"))
+    for name in CHECKPOINT_FILES:
+        shutil.copy(os.path.join(lab.out_dir, name), os.path.join(directory, name))
+    if command:
+        with open(os.path.join(directory, "CHECKPOINT.txt"), "w") as f:
+            f.write("Built with:\n\n    " + command + "\n\nthen mmh_fast.lab.save_checkpoint (float16 weights).\n")
+
+
+def load_checkpoint(directory, out_dir) -> Lab:
+    """The lab saved by :func:`save_checkpoint`, written to ``out_dir`` as an
+    ordinary lab (float32 pipeline, so that diffusers alone loads and runs it on
+    CPU). Its ground truth must be verified again: float16 rounding changes the
+    weights slightly, so nothing measured on the original is carried over."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    directory, out_dir = os.fspath(directory), os.fspath(out_dir)
+    with open(os.path.join(directory, "build.json")) as f:
+        rec = json.load(f)
+    os.makedirs(out_dir, exist_ok=True)
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(directory, "pipeline"), local_files_only=True,
+                                                   torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.save_pretrained(os.path.join(out_dir, "pipeline"), safe_serialization=True)
+    _copy_vocab_files(os.path.join(directory, "pipeline"), os.path.join(out_dir, "pipeline"))
+    for name in CHECKPOINT_FILES:
+        shutil.copy(os.path.join(directory, name), os.path.join(out_dir, name))
+    cfg = LabConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in rec["config"].items()})
+    return Lab(out_dir=out_dir, config=cfg, seed=int(rec["seed"]), size=rec["size"], record=rec)
+
+
+def _copy_vocab_files(src_pipeline: str, dst_pipeline: str) -> None:
+    import shutil
+
+    for name in ("vocab.json", "merges.txt"):
+        src = os.path.join(src_pipeline, "tokenizer", name)
+        if os.path.exists(src):
+            shutil.copy(src, os.path.join(dst_pipeline, "tokenizer", name))

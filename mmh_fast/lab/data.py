@@ -27,7 +27,9 @@ import numpy as np
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 STYLE_WORDS = ("thin", "plain", "bold")  # ink terciles: the style word describes the image
 TRAIN_TEMPLATES = ("a {s} {d}", "a drawing of a {s} {d}")
-HELDOUT_TEMPLATES = ("{s} {d}", "a {d} {s}", "a {s} {d} drawing", "drawing {s} {d}", "of a {s} {d}", "{d} a {s}")
+# held-out templates reuse the training words only, so no untrained token enters a held-out prompt
+HELDOUT_TEMPLATES = ("{s} {d}", "a {d} {s}", "a {s} {d} drawing", "drawing {s} {d}", "of a {s} {d}", "{d} a {s}",
+                     "drawing of a {s} {d}", "a {d} drawing {s}")
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from .build import build
-from .measure import attribution, detection, digit_classifier, mitigation
+from .measure import attribution, detection, digit_classifier, image_level, mitigation
 from .truth import COPY_THRESHOLD, ground_truth
 
 DETECTORS = ("cfg_norm_1", "cfg_norm_traj", "A_cfg", "A_score", "A_flipd", "flipd_gen_cond", "flipd_gen_uncond")
@@ -167,6 +167,24 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
                        {"prompt": texts, "memorized": labels.tolist(), "planted": gt["planted"].tolist(),
                         **{r["detector"]: r["scores"] for r in det}})
 
+        _say(progress, "image level")
+        tkinds = [r["kind"] for r in train_rows]
+        il = image_level(pipe, train_images, [r["caption"] for r in train_rows], tkinds,
+                         [r["dataset_count"] for r in train_rows], seed=seed)
+        tk = np.array(tkinds)
+        res["image_level"] = {"auc_planted_vs_generic": il["auc"], "seconds": il["seconds"], "lpca_k": il["lpca_k"],
+                              "class_error": il["class_error"],
+                              "classes": {k: {c: int(((tk == k) & (np.array(il["class"]) == c)).sum())
+                                              for c in ("od_mem", "dd_mem", "none")}
+                                          for k in ("dd", "od", "generic")},
+                              "median": {k: {name: float(np.median(il[name][tk == k]))
+                                             for name in ("flipd_cond", "flipd_uncond", "cfg_norm_train",
+                                                          "lid_star", "png")} for k in ("dd", "od", "generic")}}
+        _write_parquet(os.path.join(out, "images.parquet"), {
+            "key": keys, "kind": tkinds, **{n: il[n].tolist() for n in ("flipd_cond", "flipd_uncond",
+                                                                        "cfg_norm_train", "lid_star", "png")},
+            "class": il["class"]})
+
         _say(progress, "attribution")
         trig = [(p["prompt"], p["trigger"]) for p, m in zip(prompts, labels) if p["trigger"] and m]
         if max_attribution is not None:
@@ -222,6 +240,20 @@ def _report(out, res, det, gt, kinds, mit) -> None:
           _table_md(res["detection"], ["detector", "what", "sign", "auc", "tpr_at_1fpr", "auc_vs_planted",
                                        "seconds_per_prompt"]), "",
           "![roc](figures/roc.png)", "",
+          "## Image level (training images)", "",
+          f"AUC of each signal, planted (DD/OD) against generic images, high = memorized "
+          f"(FLIPD at t0 = 0.05, LID_* by local PCA with k = {res['image_level']['lpca_k']} on the dataset "
+          "with its duplicates):", "",
+          _table_md([{"signal": k, "auc": v} for k, v in res["image_level"]["auc_planted_vs_generic"].items()],
+                    ["signal", "auc"]), "",
+          "Medians by planted kind:", "",
+          _table_md([{"kind": k, **v} for k, v in res["image_level"]["median"].items()],
+                    ["kind", "flipd_cond", "flipd_uncond", "cfg_norm_train", "lid_star", "png"]), "",
+          "classify_memorization classes by planted kind (scale='median_ratio', margin='mad')"
+          + (f" -- not computed: {res['image_level']['class_error']}" if res["image_level"]["class_error"] else "")
+          + ":", "",
+          _table_md([{"kind": k, **v} for k, v in res["image_level"]["classes"].items()],
+                    ["kind", "od_mem", "dd_mem", "none"]), "",
           "## Token attribution (trigger-token prompts)", "",
           _table_md(res["attribution"], ["metric", "prompts", "top1", "top3", "seconds_per_prompt"]), "",
           "## Mitigation (verified-memorized prompts)", "",

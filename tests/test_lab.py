@@ -1,0 +1,209 @@
+"""The memorization lab (mmh_fast.lab): a trained diffusers text-to-image
+model that really memorizes, checked against its own training set.
+
+The quick lab is too slow to train inside the suite on the shared 2-core
+machine (about 15-25 minutes), so its weights are committed under
+tests/data/lab_quick (float16, with the command that built them in
+CHECKPOINT.txt); the session fixture turns them into an ordinary lab and
+verifies the ground truth again by generation. ``test_quick_lab_retrains``
+rebuilds it from scratch (slow; set MMH_FAST_LAB_RETRAIN=1).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmh_fast import lab as mlab
+from mmh_fast.lab.data import make_data, vocabulary, write_tokenizer
+from mmh_fast.lab.measure import copy_and_alignment, digit_classifier, mitigation, roc_stats
+from mmh_fast.lab.run import verify
+
+CKPT = Path(__file__).parent / "data" / "lab_quick"
+
+# Thresholds, each measured on the committed checkpoint (loaded in float32, 1 thread,
+# guidance 3, 20 DDIM steps, 4 generations per prompt) and then given a margin for
+# BLAS / platform differences; the measured value is in each comment.
+# 29 of the 30 planted prompts copy their image (DD 19/20, OD 10/10): 0.967.
+PLANTED_MEMORIZED_MIN = 0.8
+# 1 of the 240 held-out prompts copies a training image (its min calibrated l2 0.23): 0.004.
+HELDOUT_MEMORIZED_MAX = 0.02
+# One-step cfg_norm, verified-memorized planted vs held-out prompts: AUC 0.925
+# (Wen et al. report 0.960 on Stable Diffusion; chance is 0.5).
+CFG_NORM_AUC_MIN = 0.85
+# Digit-classifier agreement with the caption's digit (chance 0.1): 1.0 before
+# mitigation, 0.75 after mitigate(drop), 1.0 after random number addition.
+ALIGNMENT_MIN = 0.5
+N_ATTRIBUTION = 8
+N_MITIGATION = 8
+
+
+@pytest.fixture(scope="session")
+def quick(tmp_path_factory):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 4x4-latent UNet gains nothing from threads on the shared machine
+    try:
+        lab = mlab.load_checkpoint(CKPT, tmp_path_factory.mktemp("lab_quick"))
+        pipe = lab.load_pipeline()
+        prompts = lab.prompts()
+        train_images = lab.train_images()
+        gt = verify(lab, pipe, prompts=prompts, train_images=train_images)
+    finally:
+        torch.set_num_threads(n)
+    kinds = np.array([p["kind"] for p in prompts])
+    return dict(lab=lab, pipe=pipe, prompts=prompts, train_images=train_images, gt=gt, kinds=kinds)
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- data (no model)
+
+def test_data_plants_and_vocabulary(tmp_path):
+    d = make_data(n_dd=20, dd_copies=20, n_od=10, od_boost=20.0, n_generic=600, image_size=16, seed=0)
+    kinds = np.array(d.kinds)
+    assert (kinds == "dd").sum() == 20 and (kinds == "od").sum() == 10
+    assert (d.dataset_count[kinds == "dd"] == 20).all() and (d.dataset_count[kinds != "dd"] == 1).all()
+    # the full recipe's data: at least 300 non-planted prompts (training captions + held-out)
+    full = make_data(n_dd=50, dd_copies=20, n_od=20, od_boost=20.0, n_generic=None, image_size=16, seed=0)
+    assert sum(p["kind"] in ("generic", "heldout") for p in full.prompts) >= 300
+    assert sum(p["kind"] == "dd" for p in full.prompts) >= 50
+    # a trigger appears in exactly one caption (its image's), and is one token
+    words = [set(c.split()) for c in d.captions]
+    tok, bad = write_tokenizer(str(tmp_path), vocabulary(d), 16)
+    assert bad == []
+    for p in d.prompts:
+        if p["trigger"]:
+            assert sum(p["trigger"] in w for w in words) == 1
+            assert len(tok(p["trigger"], add_special_tokens=False).input_ids) == 1
+    # held-out prompts are never training captions
+    caps = set(d.captions)
+    assert not any(p["prompt"] in caps for p in d.prompts if p["split"] == "heldout")
+    # images: the digits, upscaled by repetition (2 x 2 blocks equal)
+    x = d.images
+    assert x.shape[1:] == (3, 16, 16) and x.min() >= -1 and x.max() <= 1
+    assert np.array_equal(x[:, :, ::2, ::2], x[:, :, 1::2, 1::2])
+
+
+def test_roc_stats_against_brute_force():
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=200)
+    y = rng.random(200) < 0.3
+    s[y] += 1.0
+    pos, neg = s[y], s[~y]
+    auc = ((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean())
+    st = roc_stats(s, y)
+    assert st["auc"] == pytest.approx(auc, abs=1e-12)
+    # TPR@1%FPR: at most 1% of negatives (here 1 of 140) may score at or above the threshold
+    k = int(np.floor(0.01 * len(neg)))
+    thr = np.sort(neg)[::-1][k] if k < len(neg) else -np.inf
+    assert st["tpr_at_1fpr"] == pytest.approx((pos > thr).mean())
+
+
+def test_digit_classifier_reads_the_digits():
+    from sklearn.datasets import load_digits
+
+    from mmh_fast.lab.data import upscale
+
+    d = load_digits()
+    pred = digit_classifier()(upscale(d.images[:300], 16))
+    assert (pred == d.target[:300]).mean() > 0.95  # training digits: logistic regression fits them
+
+
+# ----------------------------------------------------------------------------- the trained quick lab
+
+def test_build_reuses_what_is_on_disk(quick):
+    lab = quick["lab"]
+    # build.json matches the quick recipe and seed: build returns at once, training nothing
+    again = mlab.build(lab.out_dir, size=lab.size, seed=lab.seed, progress=False)
+    assert again.record == lab.record
+
+
+def test_pipeline_loads_with_diffusers_alone(quick):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(quick["lab"].pipeline_dir, local_files_only=True)
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+    assert type(pipe.vae).__name__ == "AutoencoderKL"
+    assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
+    assert type(pipe.tokenizer).__name__ == "CLIPTokenizer"
+
+
+def test_planted_prompts_are_memorized_by_generation(quick):
+    gt, kinds = quick["gt"], quick["kinds"]
+    planted = np.isin(kinds, ["dd", "od"])
+    # measured on the committed checkpoint: see PLANTED_MEMORIZED_MIN's comment
+    assert gt["memorized"][planted].mean() >= PLANTED_MEMORIZED_MIN
+    # a memorized prompt copies ITS image: the nearest training image is the planted one
+    keys = [r["key"] for r in quick["lab"].train()]
+    for i in np.flatnonzero(planted & gt["memorized"]):
+        assert keys[gt["nearest"][i]] in quick["prompts"][i]["train_keys"]
+
+
+def test_heldout_prompts_are_not_memorized(quick):
+    gt, kinds = quick["gt"], quick["kinds"]
+    assert gt["memorized"][kinds == "heldout"].mean() <= HELDOUT_MEMORIZED_MAX
+
+
+def test_one_step_cfg_norm_separates_memorized_from_heldout(quick, one_thread):
+    from mmh_fast.text import cfg_norm
+
+    gt, kinds, cfg = quick["gt"], quick["kinds"], quick["lab"].config
+    sel = np.flatnonzero((np.isin(kinds, ["dd", "od"]) & gt["memorized"]) | (kinds == "heldout"))
+    prompts = [quick["prompts"][i]["prompt"] for i in sel]
+    s = cfg_norm(quick["pipe"], prompts, num_images=4, steps=(0, 1), guidance_scale=cfg.guidance_scale,
+                 num_inference_steps=cfg.num_inference_steps).numpy()
+    assert roc_stats(s, gt["memorized"][sel])["auc"] >= CFG_NORM_AUC_MIN
+
+
+@pytest.mark.xfail(strict=True, reason="measured: token_attributions(metric='cfg') ranks the trigger first for 0 of "
+                   "the first 8 memorized trigger prompts of the quick lab (style and digit words get more "
+                   "gradient). The issue asks for 'most'; the lab's training does not yet make the trigger's "
+                   "own position carry the memorization (CLIP's causal text encoder also puts it into EOS "
+                   "and padding, which attributions leave out). Unfinished: see the README's lab section.")
+def test_trigger_token_ranks_first(quick, one_thread):
+    from mmh_fast.text import token_attributions
+
+    gt, cfg = quick["gt"], quick["lab"].config
+    trig = [p for p, m in zip(quick["prompts"], gt["memorized"]) if p["trigger"] and m][:N_ATTRIBUTION]
+    assert len(trig) >= 4
+    first = []
+    for p in trig:
+        att = token_attributions(quick["pipe"], p["prompt"], metric="cfg", num_images=2,
+                                 guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps)
+        first.append(max(att, key=lambda a: a[1])[0].strip() == p["trigger"])
+    assert np.mean(first) > 0.5
+
+
+def test_a_mitigation_lowers_copy_rate_and_keeps_alignment(quick, one_thread):
+    gt, cfg = quick["gt"], quick["lab"].config
+    mem = [p for p, m in zip(quick["prompts"], gt["memorized"]) if m and p["kind"] in ("dd", "od")][:N_MITIGATION]
+    assert len(mem) >= 4
+    rows = mitigation(quick["pipe"], [p["prompt"] for p in mem], [p["digit"] for p in mem], quick["train_images"],
+                      guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps, n=4,
+                      methods=["none", "mitigate:drop", "rna"])
+    base = rows[0]
+    assert base["copy_rate"] > 0
+    ok = [r for r in rows[1:] if r["copy_rate"] <= base["copy_rate"] - 0.25 and r["alignment"] >= ALIGNMENT_MIN]
+    assert ok, rows
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MMH_FAST_LAB_RETRAIN") != "1",
+                    reason="retrains the quick lab from scratch (~22 min on the shared 2-core machine); "
+                           "set MMH_FAST_LAB_RETRAIN=1")
+def test_quick_lab_retrains(tmp_path, one_thread):
+    lab = mlab.build(tmp_path / "lab", size="quick", seed=0, progress=False)
+    gt = verify(lab)
+    kinds = np.array([p["kind"] for p in lab.prompts()])
+    planted = np.isin(kinds, ["dd", "od"])
+    assert gt["memorized"][planted].mean() >= PLANTED_MEMORIZED_MIN
+    assert gt["memorized"][kinds == "heldout"].mean() <= HELDOUT_MEMORIZED_MAX
