@@ -207,3 +207,20 @@ def test_quick_lab_retrains(tmp_path, one_thread):
     planted = np.isin(kinds, ["dd", "od"])
     assert gt["memorized"][planted].mean() >= PLANTED_MEMORIZED_MIN
     assert gt["memorized"][kinds == "heldout"].mean() <= HELDOUT_MEMORIZED_MAX
+
+
+def test_scan_loads_the_lab_pipeline(quick, tmp_path, one_thread):
+    import pyarrow.parquet as pq
+
+    from mmh_fast.cli import main
+
+    lab = quick["lab"]
+    rc = main(["scan", "--data", os.path.join(lab.out_dir, "train.parquet"), "--model", lab.pipeline_dir,
+               "--out", str(tmp_path / "scan"), "--limit", "4", "--image-column", "png", "--caption-column",
+               "caption", "--key-column", "key", "--image-size", "16", "--quiet"])
+    assert rc == 0
+    rows = pq.read_table(tmp_path / "scan" / "results.parquet").to_pylist()
+    train = lab.train()[:4]
+    assert [r["key"] for r in rows] == [t["key"] for t in train]
+    assert [r["caption"] for r in rows] == [t["caption"] for t in train]
+    assert all(r["error"] is None and np.isfinite(r["flipd"]) for r in rows)
