@@ -224,3 +224,10 @@ def test_scan_loads_the_lab_pipeline(quick, tmp_path, one_thread):
     assert [r["key"] for r in rows] == [t["key"] for t in train]
     assert [r["caption"] for r in rows] == [t["caption"] for t in train]
     assert all(r["error"] is None and np.isfinite(r["flipd"]) for r in rows)
+
+
+def test_build_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="size must be 'full' or 'quick'"):
+        mlab.build(tmp_path, size="medium")
+    with pytest.raises(TypeError, match="seed must be an int"):
+        mlab.build(tmp_path, size="quick", seed="0")

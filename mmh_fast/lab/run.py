@@ -46,6 +46,14 @@ def verify(lab, pipe=None, *, prompts=None, train_images=None, return_images: bo
     return gt
 
 
+def _dump(out: str, res: dict) -> None:
+    """lab.json after every section, so that a long run interrupted later keeps what it measured."""
+    tmp = os.path.join(out, "lab.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=1, default=float)
+    os.replace(tmp, os.path.join(out, "lab.json"))
+
+
 def _fig_roc(rows, path, title):
     import matplotlib
 
@@ -153,6 +161,7 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
             "copy_rate": gt["copy_rate"].tolist(), "nearest_key": [keys[i] for i in gt["nearest"]]})
         _say(progress, f"ground truth: {json.dumps(gt['summary'])}")
         labels = gt["memorized"]
+        _dump(out, res)
 
         _say(progress, "detection")
         det = detection(pipe, texts, labels, guidance_scale=cfg.guidance_scale,
@@ -163,6 +172,7 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
         for r in det:
             r["auc_vs_planted"] = roc_stats(r["scores"], gt["planted"])["auc"]
         res["detection"] = [{k: v for k, v in r.items() if k not in ("scores", "fpr", "tpr")} for r in det]
+        _dump(out, res)
         _write_parquet(os.path.join(out, "detection.parquet"),
                        {"prompt": texts, "memorized": labels.tolist(), "planted": gt["planted"].tolist(),
                         **{r["detector"]: r["scores"] for r in det}})
@@ -184,6 +194,7 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
             "key": keys, "kind": tkinds, **{n: il[n].tolist() for n in ("flipd_cond", "flipd_uncond",
                                                                         "cfg_norm_train", "lid_star", "png")},
             "class": il["class"]})
+        _dump(out, res)
 
         _say(progress, "attribution")
         trig = [(p["prompt"], p["trigger"]) for p, m in zip(prompts, labels) if p["trigger"] and m]
@@ -192,6 +203,7 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
         att = attribution(pipe, [a for a, _ in trig], [b for _, b in trig], guidance_scale=cfg.guidance_scale,
                           num_inference_steps=cfg.num_inference_steps, seed=seed) if trig else []
         res["attribution"] = [{**r, "prompts": len(trig)} for r in att]
+        _dump(out, res)
 
         _say(progress, "mitigation")
         mem_idx = [i for i in range(len(prompts)) if labels[i]]
@@ -204,8 +216,7 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
                              for r in mit]
         res["seconds_total"] = time.time() - t_all
         _report(out, res, det, gt, kinds, mit)
-        with open(os.path.join(out, "lab.json"), "w") as f:
-            json.dump(res, f, indent=1, default=float)
+        _dump(out, res)
         return res
     finally:
         torch.set_num_threads(old)
