@@ -128,8 +128,13 @@ def _write_parquet(path, columns: dict) -> None:
 
 
 def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, progress: bool = True,
-            max_attribution: int | None = None, max_mitigation: int | None = None) -> dict:
-    """Everything ``mmh-fast lab`` does; returns the lab.json content."""
+            max_attribution: int | None = None, max_mitigation: int | None = None,
+            max_detection: int | None = None) -> dict:
+    """Everything ``mmh-fast lab`` does; returns the lab.json content.
+
+    ``max_detection`` / ``max_attribution`` / ``max_mitigation`` cap the prompts
+    of those sections (None: all). The detection cap keeps every planted prompt
+    and an evenly spaced subset of the others; lab.json records the counts."""
     import torch
 
     out = os.fspath(out)
@@ -164,17 +169,27 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
         _dump(out, res)
 
         _say(progress, "detection")
-        det = detection(pipe, texts, labels, guidance_scale=cfg.guidance_scale,
+        sel = np.arange(len(texts))
+        if max_detection is not None and max_detection < len(texts):
+            rest = np.flatnonzero(~gt["planted"])
+            keep = max(0, max_detection - int(gt["planted"].sum()))
+            sel = np.sort(np.concatenate([np.flatnonzero(gt["planted"]),
+                                          rest[np.linspace(0, len(rest) - 1, keep).astype(int)] if keep else []])
+                          ).astype(int)
+        det = detection(pipe, [texts[i] for i in sel], labels[sel], guidance_scale=cfg.guidance_scale,
                         num_inference_steps=cfg.num_inference_steps, num_images=cfg.n_generations, seed=seed,
-                        generations=gt["images"])
+                        generations=gt["images"][sel])
         from .measure import roc_stats
 
         for r in det:
-            r["auc_vs_planted"] = roc_stats(r["scores"], gt["planted"])["auc"]
+            r["auc_vs_planted"] = roc_stats(r["scores"], gt["planted"][sel])["auc"]
+            r["prompts"] = len(sel)
+            r["memorized_prompts"] = int(labels[sel].sum())
         res["detection"] = [{k: v for k, v in r.items() if k not in ("scores", "fpr", "tpr")} for r in det]
         _dump(out, res)
         _write_parquet(os.path.join(out, "detection.parquet"),
-                       {"prompt": texts, "memorized": labels.tolist(), "planted": gt["planted"].tolist(),
+                       {"prompt": [texts[i] for i in sel], "memorized": labels[sel].tolist(),
+                        "planted": gt["planted"][sel].tolist(),
                         **{r["detector"]: r["scores"] for r in det}})
 
         _say(progress, "image level")
@@ -248,8 +263,8 @@ def _report(out, res, det, gt, kinds, mit) -> None:
           "## Prompt-level detection", "",
           "Scores oriented so that high = memorized (sign -1: the quantity is negated). AUC and TPR@1%FPR "
           "against the verified label; auc_vs_planted against the planted one.", "",
-          _table_md(res["detection"], ["detector", "what", "sign", "auc", "tpr_at_1fpr", "auc_vs_planted",
-                                       "seconds_per_prompt"]), "",
+          _table_md(res["detection"], ["detector", "what", "sign", "prompts", "memorized_prompts", "auc",
+                                       "tpr_at_1fpr", "auc_vs_planted", "seconds_per_prompt"]), "",
           "![roc](figures/roc.png)", "",
           "## Image level (training images)", "",
           f"AUC of each signal, planted (DD/OD) against generic images, high = memorized "
