@@ -231,3 +231,22 @@ def test_build_rejects_bad_arguments(tmp_path):
         mlab.build(tmp_path, size="medium")
     with pytest.raises(TypeError, match="seed must be an int"):
         mlab.build(tmp_path, size="quick", seed="0")
+
+
+def test_dataset_lid_star_of_duplicates_is_zero():
+    from mmh_fast import lpca
+    from mmh_fast.lab.measure import dataset_lid_star
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 12)).astype(np.float32)
+    counts = np.ones(60, np.int64)
+    counts[[3, 40]] = 12  # two images, each 12 times in the dataset
+    lid = dataset_lid_star(x, counts, k=8)
+    # an image with 11 exact copies among its 8 nearest neighbours spans no direction: LID_* 0
+    assert lid[3] == 0 and lid[40] == 0
+    # every other image: the same as lpca on the expanded dataset, at that image's row
+    full = np.repeat(np.arange(60), counts)
+    ref = np.asarray(lpca(x[full], k=8, progress=False), np.float64)
+    rows = np.cumsum(counts) - counts
+    np.testing.assert_array_equal(lid, ref[rows])
+    assert np.median(lid) > 0

@@ -226,6 +226,22 @@ def mitigation(pipe, prompts: Sequence[str], digits: Sequence[int], train_images
     return rows
 
 
+def dataset_lid_star(images: np.ndarray, dataset_count, *, k: int) -> np.ndarray:
+    """LID_* (:func:`mmh_fast.lpca`, rule "fo") of each distinct image [N, ...] in
+    the dataset as it is, image i repeated ``dataset_count[i]`` times: [N] float64,
+    the value at the first copy of each image."""
+    from .. import lpca
+
+    counts = np.asarray(dataset_count, np.int64)
+    if counts.shape != (len(images),) or (counts < 1).any():
+        raise ValueError(f"dataset_count must hold one count >= 1 per image ({len(images)}), got shape {counts.shape}")
+    full = np.repeat(np.arange(len(images)), counts)
+    flat = np.asarray(images, np.float32).reshape(len(images), -1)[full]
+    lid = np.asarray(lpca(flat, k=k, progress=False), np.float64)
+    starts = np.cumsum(counts) - counts  # row of each image's first copy in the expanded dataset
+    return lid[starts]
+
+
 def image_level(pipe, train_images: np.ndarray, captions: Sequence[str], kinds: Sequence[str],
                 dataset_count: Sequence[int], *, t0: float = 0.05, lpca_k: int | None = None, seed: int = 0) -> dict:
     """Per training image (MMH paper Fig. 5, 6 at small scale): FLIPD with and
@@ -237,7 +253,7 @@ def image_level(pipe, train_images: np.ndarray, captions: Sequence[str], kinds: 
 
     Returns the columns and ``auc``: per signal, planted (dd/od) against generic,
     oriented so that high = memorized (FLIPD and LID_* negated)."""
-    from .. import classify_memorization, flipd, lpca, png_complexity
+    from .. import classify_memorization, flipd, png_complexity
     from ..text import cfg_norm_train
 
     x = torch.from_numpy(np.ascontiguousarray(train_images, dtype=np.float32))
@@ -248,11 +264,8 @@ def image_level(pipe, train_images: np.ndarray, captions: Sequence[str], kinds: 
     out["flipd_uncond"] = flipd(pipe, x, t0, cond="").double().numpy()
     out["cfg_norm_train"] = cfg_norm_train(pipe, x, caps).double().numpy()
     counts = np.asarray(dataset_count, np.int64)
-    full = np.repeat(np.arange(len(x)), counts)
     k = lpca_k or max(2, int(counts.max()) // 2)
-    lid_full = np.asarray(lpca(x[full].reshape(len(full), -1), k=k, progress=False), np.float64)
-    first = np.searchsorted(np.cumsum(counts) - counts, np.arange(len(x)))
-    out["lid_star"] = lid_full[first]
+    out["lid_star"] = dataset_lid_star(train_images, counts, k=k)
     out["png"] = png_complexity(x).astype(np.float64)
     try:
         cls = classify_memorization(torch.from_numpy(out["flipd_cond"]), torch.from_numpy(out["lid_star"]),
