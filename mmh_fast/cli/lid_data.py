@@ -375,13 +375,14 @@ def _tie_aware_recall(x, rows, found, k):
 
 
 def _exact_distances(x, rows, nb, *, block: int = 256):
-    """float64 [len(rows), k] distances |x[rows] - x[nb]|, ``block`` rows at a time
-    (the gathered neighbours of a block: block x k x D float64)."""
+    """float64 [len(rows), k] distances |x[rows] - x[nb]|, ``block`` rows at a time.
+    The differences are taken in the data's dtype (0 exactly for copies), the norm
+    accumulated in float64; no float64 copy of the gathered neighbours (2x faster)."""
     out = torch.empty(nb.shape, dtype=torch.float64)
     for b0 in range(0, len(rows), block):
-        q = x[rows[b0:b0 + block]].to(torch.float64).unsqueeze(1)
         nbb = nb[b0:b0 + block]
-        out[b0:b0 + block] = (x[nbb.reshape(-1)].to(torch.float64).reshape(*nbb.shape, -1) - q).pow(2).sum(-1).sqrt()
+        diff = x[nbb.reshape(-1)].reshape(*nbb.shape, -1) - x[rows[b0:b0 + block]].unsqueeze(1)
+        out[b0:b0 + block] = torch.linalg.vector_norm(diff, dim=-1, dtype=torch.float64)
     return out
 
 
