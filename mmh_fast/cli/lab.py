@@ -19,6 +19,10 @@ def add_lab_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the stream (default: 0)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for training (default: 1; more threads than free cores is slower)")
+    for name, what in (("detection", "detection (every planted prompt kept, the others evenly spaced)"),
+                       ("attribution", "attribution (memorized trigger prompts)"),
+                       ("mitigation", "mitigation (verified-memorized prompts)")):
+        p.add_argument(f"--max-{name}", type=int, metavar="N", help=f"at most N prompts in the {what}; default: all")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_lab)
 
@@ -29,6 +33,11 @@ def _cmd_lab(args) -> int:
 
     if args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
+    for name in ("detection", "attribution", "mitigation"):
+        v = getattr(args, f"max_{name}")
+        if v is not None and v < 1:
+            raise UserError(f"--max-{name} must be >= 1, got {v}")
     run_lab(args.out, size="quick" if args.quick else "full", seed=args.seed, threads=args.threads,
-            progress=not args.quiet)
+            progress=not args.quiet, max_detection=args.max_detection, max_attribution=args.max_attribution,
+            max_mitigation=args.max_mitigation)
     return 0
