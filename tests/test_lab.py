@@ -166,9 +166,10 @@ def test_one_step_cfg_norm_separates_memorized_from_heldout(quick, one_thread):
 
 @pytest.mark.xfail(strict=True, reason="measured: token_attributions(metric='cfg') ranks the trigger first for 0 of "
                    "the first 8 memorized trigger prompts of the quick lab (style and digit words get more "
-                   "gradient). The issue asks for 'most'; the lab's training does not yet make the trigger's "
-                   "own position carry the memorization (CLIP's causal text encoder also puts it into EOS "
-                   "and padding, which attributions leave out). Unfinished: see the README's lab section.")
+                   "gradient; top-1 is 0/10 for 'score' and 'flipd' too). The issue asks for 'most'. A likely "
+                   "cause, not yet measured: CLIP's causal text encoder also carries the trigger into the EOS "
+                   "and padding positions, which attributions leave out. Unfinished: see the README's lab "
+                   "section.")
 def test_trigger_token_ranks_first(quick, one_thread):
     from mmh_fast.text import token_attributions
 
