@@ -251,3 +251,28 @@ def test_dataset_lid_star_of_duplicates_is_zero():
     rows = np.cumsum(counts) - counts
     np.testing.assert_array_equal(lid, ref[rows])
     assert np.median(lid) > 0
+
+
+def test_build_end_to_end_with_a_tiny_recipe(tmp_path, one_thread):
+    """Every stage of build() (VAE, UNet + text encoder, decoder refinement, tables), a few steps each."""
+    from dataclasses import replace
+
+    from diffusers import StableDiffusionPipeline
+
+    cfg = replace(mlab.LabConfig.for_size("quick"), n_dd=3, dd_copies=4, n_od=2, od_boost=4.0, n_generic=20,
+                  vae_channels=(8, 8, 8), vae_steps=2, unet_channels=(16, 32), steps=3, batch_size=8,
+                  decoder_steps=2)
+    lab = mlab.build(tmp_path / "lab", size="quick", config=cfg, progress=False)
+    pipe = StableDiffusionPipeline.from_pretrained(lab.pipeline_dir, local_files_only=True)
+    assert pipe.vae.config.scaling_factor == pytest.approx(1 / lab.record["vae"]["latent_std"], rel=1e-6)
+    train = lab.train()
+    assert len(train) == 3 + 2 + 20
+    assert sum(r["stream_count"] for r in train) == cfg.steps * cfg.batch_size
+    assert [r["dataset_count"] for r in train if r["kind"] == "dd"] == [4, 4, 4]
+    data = make_data(n_dd=3, dd_copies=4, n_od=2, od_boost=4.0, n_generic=20, image_size=16, seed=0)
+    # the stored PNGs are the training images (8-bit gray: within half a grey level)
+    np.testing.assert_allclose(lab.train_images(), data.images, atol=1 / 127.5 + 1e-6)
+    img = mlab.generate_images(pipe, ["a bold two"], n=2, guidance_scale=3.0, num_inference_steps=2, seed=0)
+    assert img.shape == (1, 2, 3, 16, 16) and np.isfinite(img).all()
+    # the same arguments reuse the directory: no retraining, the same record
+    assert mlab.build(tmp_path / "lab", size="quick", config=cfg, progress=False).record == lab.record

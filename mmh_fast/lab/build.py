@@ -151,6 +151,7 @@ def build(out_dir, *, size: str = "full", seed: int = 0, config: LabConfig | Non
     finally:
         torch.set_num_threads(old_threads)
     rec.update(want)
+    rec = json.loads(json.dumps(rec))  # the record as a later reuse reads it back (lists, not tuples)
     with open(os.path.join(out_dir, BUILD_FILE), "w") as f:
         json.dump(rec, f, indent=1)
     return Lab(out_dir=out_dir, config=cfg, seed=int(seed), size=size, record=rec)
