@@ -276,3 +276,37 @@ def test_build_end_to_end_with_a_tiny_recipe(tmp_path, one_thread):
     assert img.shape == (1, 2, 3, 16, 16) and np.isfinite(img).all()
     # the same arguments reuse the directory: no retraining, the same record
     assert mlab.build(tmp_path / "lab", size="quick", config=cfg, progress=False).record == lab.record
+
+
+def test_run_lab_writes_its_tables_and_report(tmp_path, one_thread):
+    """The glue of `mmh-fast lab` on an untrained tiny lab: tables, lab.json and a self-contained report."""
+    from dataclasses import replace
+
+    import pyarrow.parquet as pq
+
+    from mmh_fast.lab import run_lab
+
+    cfg = replace(mlab.LabConfig.for_size("quick"), n_dd=3, dd_copies=4, n_od=2, od_boost=4.0, n_generic=20,
+                  vae_channels=(8, 8, 8), vae_steps=2, unet_channels=(16, 32), steps=3, batch_size=8,
+                  decoder_steps=2, num_inference_steps=2, n_generations=2)
+    out = tmp_path / "lab"
+    res = run_lab(out, size="quick", config=cfg, progress=False, max_detection=8, max_attribution=1,
+                  max_mitigation=1)
+    gt = pq.read_table(out / "ground_truth.parquet").to_pydict()
+    n_prompts = len(mlab.Lab(str(out), cfg, 0, "quick", res["build"]).prompts())
+    assert len(gt["prompt"]) == n_prompts
+    g = res["ground_truth"]
+    assert g["planted"] == 5 and g["planted_memorized"] == sum(m and p for m, p in zip(gt["memorized"], gt["planted"]))
+    assert all((l2 < mlab.COPY_THRESHOLD) == m for l2, m in zip(gt["min_l2"], gt["memorized"]))
+    det = pq.read_table(out / "detection.parquet").to_pydict()
+    assert len(det["prompt"]) == 8 and sum(det["planted"]) == 5  # every planted prompt kept
+    assert [r["detector"] for r in res["detection"]] == ["cfg_norm_1", "cfg_norm_traj", "A_cfg", "A_score",
+                                                         "A_flipd", "flipd_gen_cond", "flipd_gen_uncond"]
+    assert len(pq.read_table(out / "images.parquet")) == 25
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<img src='figures" not in html
+    assert (out / "report.md").read_text().count("figures/") >= 2
+    with open(out / "lab.json") as f:
+        import json
+
+        assert json.load(f)["ground_truth"] == json.loads(json.dumps(g))

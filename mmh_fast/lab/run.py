@@ -68,7 +68,8 @@ def _fig_roc(rows, path, title):
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    if any(r["fpr"] for r in rows):  # no curve when one class is empty (e.g. nothing verified memorized)
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -129,17 +130,18 @@ def _write_parquet(path, columns: dict) -> None:
 
 def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, progress: bool = True,
             max_attribution: int | None = None, max_mitigation: int | None = None,
-            max_detection: int | None = None) -> dict:
+            max_detection: int | None = None, config=None) -> dict:
     """Everything ``mmh-fast lab`` does; returns the lab.json content.
 
     ``max_detection`` / ``max_attribution`` / ``max_mitigation`` cap the prompts
     of those sections (None: all). The detection cap keeps every planted prompt
-    and an evenly spaced subset of the others; lab.json records the counts."""
+    and an evenly spaced subset of the others; lab.json records the counts.
+    ``config``: a :class:`LabConfig` overriding ``size``'s recipe (as for :func:`build`)."""
     import torch
 
     out = os.fspath(out)
     t_all = time.time()
-    lab = build(out, size=size, seed=seed, threads=threads, progress=progress)
+    lab = build(out, size=size, seed=seed, threads=threads, progress=progress, config=config)
     cfg = lab.config
     old = torch.get_num_threads()
     if threads is not None:
