@@ -24,6 +24,11 @@ class LabConfig:
     OD-Mem images oversampled ``od_boost`` times in the stream, ``n_generic``
     generic images (None: all the remaining digits). Images ``image_size``^2,
     VAE latents 4 x (image_size / 4)^2.
+
+    The "quick" recipe is the one measured (README, Memorization lab). The
+    "full" defaults scale it to all the digits, 50 DD and 20 OD plants and
+    5,000 steps (about as many draws per planted image); they have not been
+    trained in full yet.
     """
 
     n_dd: int = 50
@@ -32,21 +37,21 @@ class LabConfig:
     od_boost: float = 20.0
     n_generic: int | None = None
     image_size: int = 16
-    vae_channels: tuple = (32, 32, 64)
+    vae_channels: tuple = (16, 32, 32)
     vae_steps: int = 600
     vae_lr: float = 2e-3
     vae_kl: float = 1e-4
-    decoder_steps: int = 1500
+    decoder_steps: int = 1200
     decoder_lr: float = 2e-3
     decoder_noise: float = 0.05
-    unet_channels: tuple = (64, 128)
+    unet_channels: tuple = (32, 64)
     unet_layers: int = 1
     text_hidden: int = 64
     text_layers: int = 2
     max_length: int = 12
-    steps: int = 4000
-    batch_size: int = 64
-    lr: float = 1e-3
+    steps: int = 5000
+    batch_size: int = 32
+    lr: float = 2e-3
     warmup: int = 100
     caption_dropout: float = 0.1
     guidance_scale: float = 3.0
