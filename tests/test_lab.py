@@ -42,19 +42,24 @@ N_MITIGATION = 8
 
 
 @pytest.fixture(scope="session")
-def quick(tmp_path_factory):
+def quick_model(tmp_path_factory):
+    """The committed quick lab loaded, without the ground-truth check (seconds, not minutes)."""
+    lab = mlab.load_checkpoint(CKPT, tmp_path_factory.mktemp("lab_quick"))
+    prompts = lab.prompts()
+    return dict(lab=lab, pipe=lab.load_pipeline(), prompts=prompts, kinds=np.array([p["kind"] for p in prompts]))
+
+
+@pytest.fixture(scope="session")
+def quick(quick_model):
+    lab, pipe, prompts = quick_model["lab"], quick_model["pipe"], quick_model["prompts"]
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # a 4x4-latent UNet gains nothing from threads on the shared machine
     try:
-        lab = mlab.load_checkpoint(CKPT, tmp_path_factory.mktemp("lab_quick"))
-        pipe = lab.load_pipeline()
-        prompts = lab.prompts()
         train_images = lab.train_images()
         gt = verify(lab, pipe, prompts=prompts, train_images=train_images)
     finally:
         torch.set_num_threads(n)
-    kinds = np.array([p["kind"] for p in prompts])
-    return dict(lab=lab, pipe=pipe, prompts=prompts, train_images=train_images, gt=gt, kinds=kinds)
+    return dict(quick_model, train_images=train_images, gt=gt)
 
 
 @pytest.fixture
@@ -162,6 +167,72 @@ def test_one_step_cfg_norm_separates_memorized_from_heldout(quick, one_thread):
     s = cfg_norm(quick["pipe"], prompts, num_images=4, steps=(0, 1), guidance_scale=cfg.guidance_scale,
                  num_inference_steps=cfg.num_inference_steps).numpy()
     assert roc_stats(s, gt["memorized"][sel])["auc"] >= CFG_NORM_AUC_MIN
+
+
+# bench/lab_detectors.py measured hessian_score_difference_norm (4 images, steps (0, 1)) at AUC 0.959
+# over all 30 planted against all 240 held-out prompts, i.e. 4.1% of (planted, held-out) pairs in the
+# wrong order. AUC is the mean over pairs, so a subset's expected AUC is the same 0.959; its pairs
+# share prompts and are not independent, so the floor allows 5x the full set's misordering rate:
+# 1 - 5 * 0.041 = 0.795, rounded down to 0.79. Measured on the subset of the test: 0.981
+# (one-step cfg_norm there: 0.950).
+SHARPNESS_SUBSET_AUC_MIN = 0.79
+
+
+def test_issue16_detection_rows_equal_the_library_and_sharpness_separates(quick_model, one_thread):
+    """The lab's sharpness / norm_alignment / attention_entropy rows are the text functions'
+    own values with the lab's settings, on every 3rd planted and every 15th held-out prompt."""
+    from mmh_fast.lab.measure import detection
+    from mmh_fast.text import cross_attention_entropy, hessian_score_difference_norm, norm_alignment_score
+
+    cfg, pipe, kinds = quick_model["lab"].config, quick_model["pipe"], quick_model["kinds"]
+    planted = np.flatnonzero(np.isin(kinds, ["dd", "od"]))[::3]
+    held = np.flatnonzero(kinds == "heldout")[::15]
+    assert len(planted) == 10 and len(held) == 16
+    sel = np.concatenate([planted, held])
+    prompts = [quick_model["prompts"][i]["prompt"] for i in sel]
+    labels = np.isin(kinds[sel], ["dd", "od"])
+    g, steps = cfg.guidance_scale, cfg.num_inference_steps
+    rows = {r["detector"]: r for r in detection(pipe, prompts, labels, guidance_scale=g, num_inference_steps=steps,
+                                                num_images=4, seed=0,
+                                                metrics=("sharpness", "norm_alignment", "attention_entropy"))}
+    ref = {"sharpness": hessian_score_difference_norm(pipe, prompts, num_images=4, guidance_scale=g,
+                                                      num_inference_steps=steps, seed=0),
+           "norm_alignment": norm_alignment_score(pipe, prompts, num_images=4, num_inference_steps=steps, seed=0),
+           "attention_entropy": cross_attention_entropy(pipe, prompts, num_images=4, guidance_scale=g,
+                                                        num_inference_steps=steps, seed=0)}
+    for name, r in rows.items():
+        assert r["sign"] == 1
+        # same calls, same seeds: equal up to float64 conversion (the library is batch-independent)
+        np.testing.assert_allclose(r["scores"], ref[name].double().numpy(), rtol=1e-6, atol=1e-9, err_msg=name)
+        assert r["auc"] == roc_stats(ref[name].double().numpy(), labels)["auc"]
+    assert rows["sharpness"]["auc"] >= SHARPNESS_SUBSET_AUC_MIN, rows["sharpness"]["auc"]
+
+
+def test_issue16_mitigation_rows(quick_model, one_thread):
+    """The lab's sail / attention_rescaling / prompt_adaptation rows on every 6th planted prompt (5):
+    sail's row is the library's generate_sail judged by copy_and_alignment; the two mitigations that
+    bench/lab_detectors.py found effective lower the copy rate here too. Measured on this subset
+    (4 generations each): copy rate none 0.85, sail 0.95, attention_rescaling 0.25,
+    prompt_adaptation 0.45, alignment 1.0 everywhere; over all 30 planted prompts the bench
+    measured 0.80, 0.94, 0.075, 0.35. The floors are half the full-set reductions (0.725 and
+    0.45), rounded down to a multiple of 1/20 (one generation of the subset's 20)."""
+    from mmh_fast.text import generate_sail
+
+    cfg, pipe, kinds = quick_model["lab"].config, quick_model["pipe"], quick_model["kinds"]
+    planted = [quick_model["prompts"][i] for i in np.flatnonzero(np.isin(kinds, ["dd", "od"]))[::6]]
+    prompts, digits = [p["prompt"] for p in planted], [p["digit"] for p in planted]
+    train, predict = quick_model["lab"].train_images(), digit_classifier()
+    g = dict(guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps)
+    rows = {r["method"]: r for r in mitigation(pipe, prompts, digits, train, n=4, predict=predict, **g,
+                                               methods=["none", "sail", "attention_rescaling", "prompt_adaptation"])}
+    sail = generate_sail(pipe, prompts, num_images=4, seed=0, **g).reshape(len(prompts), 4, 3, *train.shape[-2:])
+    ref = copy_and_alignment(sail.numpy(), train, digits, predict)
+    assert {k: rows["sail"][k] for k in ref} == ref
+    none = rows["none"]["copy_rate"]
+    assert rows["attention_rescaling"]["copy_rate"] <= none - 0.35, rows
+    assert rows["prompt_adaptation"]["copy_rate"] <= none - 0.2, rows
+    assert rows["attention_rescaling"]["alignment"] >= ALIGNMENT_MIN and rows["prompt_adaptation"]["alignment"] >= \
+        ALIGNMENT_MIN
 
 
 @pytest.mark.xfail(strict=True, reason="measured: token_attributions(metric='cfg') ranks the trigger first for 0 of "
@@ -301,7 +372,8 @@ def test_run_lab_writes_its_tables_and_report(tmp_path, one_thread):
     det = pq.read_table(out / "detection.parquet").to_pydict()
     assert len(det["prompt"]) == 8 and sum(det["planted"]) == 5  # every planted prompt kept
     assert [r["detector"] for r in res["detection"]] == ["cfg_norm_1", "cfg_norm_traj", "A_cfg", "A_score",
-                                                         "A_flipd", "flipd_gen_cond", "flipd_gen_uncond"]
+                                                         "A_flipd", "flipd_gen_cond", "flipd_gen_uncond",
+                                                         "sharpness", "norm_alignment", "attention_entropy"]
     assert len(pq.read_table(out / "images.parquet")) == 25
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<img src='figures" not in html

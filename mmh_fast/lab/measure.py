@@ -43,7 +43,8 @@ def _timed(fn: Callable):
 def detection(pipe, prompts: Sequence[str], labels, *, guidance_scale: float, num_inference_steps: int,
               num_images: int = 4, seed: int = 0, t0: float = 0.05, generations: np.ndarray | None = None,
               metrics: Sequence[str] = ("cfg_norm_1", "cfg_norm_traj", "A_cfg", "A_score", "A_flipd",
-                                        "flipd_gen_cond", "flipd_gen_uncond")) -> list[dict]:
+                                        "flipd_gen_cond", "flipd_gen_uncond", "sharpness", "norm_alignment",
+                                        "attention_entropy")) -> list[dict]:
     """The prompt-level detection table: one row per detector with ``auc``,
     ``tpr_at_1fpr``, ``seconds_per_prompt`` (wall time of the detector alone)
     and the per-prompt ``scores`` (high = memorized).
@@ -54,10 +55,21 @@ def detection(pipe, prompts: Sequence[str], labels, *, guidance_scale: float, nu
       A_flipd negated;
     - flipd_gen_cond / flipd_gen_uncond: :func:`mmh_fast.flipd` (t0) of the prompt's
       generations (``generations`` [P, n, 3, H, W] if given, else generated here and timed)
-      with the prompt as condition / with "" , negated, averaged over the generations.
+      with the prompt as condition / with "" , negated, averaged over the generations;
+    - sharpness: :func:`mmh_fast.text.hessian_score_difference_norm`, steps (0, 1)
+      (Jeon et al.'s initial-stage sharpness);
+    - norm_alignment: :func:`mmh_fast.text.norm_alignment_score` with its paper
+      weights and t_low the third-to-last step (the first on grids of fewer than 3
+      steps) (Asthana and Belagiannis; on pure noise, so ``guidance_scale`` is unused);
+    - attention_entropy: :func:`mmh_fast.text.cross_attention_entropy`, steps (0, 1)
+      (Ren et al.'s one-step entropy).
+
+    All text detectors use ``num_images`` latents per prompt and the same ``seed``;
+    the three issue-16 rows are high = memorized as the functions return them (sign +1).
     """
     from .. import flipd
-    from ..text import cfg_norm, memorization_score
+    from ..text import (cfg_norm, cross_attention_entropy, hessian_score_difference_norm, memorization_score,
+                        norm_alignment_score)
 
     prompts = list(prompts)
     P = len(prompts)
@@ -90,6 +102,20 @@ def detection(pipe, prompts: Sequence[str], labels, *, guidance_scale: float, nu
             sec += gen_seconds
             sign, what = -1, f"flipd(t0={t0}) of generations, " + ("with caption" if m.endswith("_cond") else
                                                                      "without caption")
+        elif m == "sharpness":
+            s, sec = _timed(lambda: hessian_score_difference_norm(pipe, prompts, num_images=num_images,
+                                                                  steps=(0, 1), **kw))
+            sign, what = 1, "hessian_score_difference_norm, steps (0, 1)"
+        elif m == "norm_alignment":
+            # the paper's t_low is the third-to-last step; a grid shorter than 3 steps (test labs) takes its first
+            low = -min(3, num_inference_steps)
+            s, sec = _timed(lambda: norm_alignment_score(pipe, prompts, num_images=num_images, alignment_step=low,
+                                                         num_inference_steps=num_inference_steps, seed=seed))
+            sign, what = 1, f"norm_alignment_score (weights 1, 2; alignment_step {low}; pure noise)"
+        elif m == "attention_entropy":
+            s, sec = _timed(lambda: cross_attention_entropy(pipe, prompts, num_images=num_images, steps=(0, 1),
+                                                            **kw))
+            sign, what = 1, "cross_attention_entropy, steps (0, 1)"
         else:
             raise ValueError(f"unknown detector {m!r}")
         s = sign * np.asarray(torch.as_tensor(s, dtype=torch.float64).cpu().numpy(), np.float64).reshape(P)
@@ -173,12 +199,23 @@ def mitigation(pipe, prompts: Sequence[str], digits: Sequence[int], train_images
     (A^CFG minimised, ``opt_iters`` AdamW steps); ``gni:<scale>``
     (:class:`mmh_fast.mitigations.GaussianNoiseInjection` on the prompt
     embeddings); ``rta``, ``cwr``, ``rna`` (the Somepalli et al. prompt transforms
-    of :mod:`mmh_fast.mitigations`). Each row: copy_rate, alignment (digit
-    classifier, the CLIP-score stand-in), median calibrated l2, seconds_per_prompt
-    (the mitigation alone, generation excluded), and the new prompts where text."""
+    of :mod:`mmh_fast.mitigations`); ``sail`` (:func:`mmh_fast.text.generate_sail`,
+    the paper's SAIL settings); ``attention_rescaling``
+    (:func:`mmh_fast.text.generate_attention_rescaled`, C = 1.25, summary tokens
+    masked); ``prompt_adaptation`` (:func:`mmh_fast.text.adapt_prompt_embedding`,
+    ``opt_iters`` steps, t_low as the norm_alignment detector's, then the pipeline).
+    Each row: copy_rate, alignment (digit classifier, the CLIP-score stand-in),
+    median calibrated l2, seconds_per_prompt
+    (the mitigation alone, generation excluded), and the new prompts where text.
+
+    ``sail`` and ``attention_rescaling`` change the sampler itself, so their
+    seconds include their own generation, and their images come from the
+    library's DDIM sampler (latent n keyed by (seed, n), as :func:`mmh_fast.text.generate`)
+    rather than from ``pipe(...)`` with generators ``seed + j`` as the other rows."""
     from ..mitigations import (CaptionWordRepeat, GaussianNoiseInjection, RandomNumberAddition,
                                RandomTokenAddition)
-    from ..text import REPHRASERS, mitigate, optimize_prompt_embedding
+    from ..text import (REPHRASERS, adapt_prompt_embedding, generate_attention_rescaled, generate_sail, mitigate,
+                        optimize_prompt_embedding)
 
     prompts = list(prompts)
     predict = predict or digit_classifier()
@@ -193,7 +230,9 @@ def mitigation(pipe, prompts: Sequence[str], digits: Sequence[int], train_images
         rows.append(r)
 
     want = methods or (["none"] + [f"mitigate:{r}" for r in REPHRASERS] + ["optimize_prompt_embedding"]
-                       + [f"gni:{s:g}" for s in gni_scales] + ["rta", "cwr", "rna"])
+                       + [f"gni:{s:g}" for s in gni_scales] + ["rta", "cwr", "rna", "sail", "attention_rescaling",
+                                                                 "prompt_adaptation"])
+    sampler = dict(num_images=n, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, seed=seed)
     for name in want:
         if name == "none":
             row(name, generate_images(pipe, prompts, **gen), 0.0, prompts)
@@ -221,6 +260,16 @@ def mitigation(pipe, prompts: Sequence[str], digits: Sequence[int], train_images
                   "rna": lambda: RandomNumberAddition(1, seed=seed)}[name]()
             new, sec = _timed(lambda: tf.apply(prompts))
             row(name, generate_images(pipe, new, **gen), sec, new)
+        elif name in ("sail", "attention_rescaling"):
+            fn = generate_sail if name == "sail" else generate_attention_rescaled
+            imgs, sec = _timed(lambda: fn(pipe, prompts, **sampler))
+            row(name, imgs.reshape(len(prompts), n, *imgs.shape[1:]).float().cpu().numpy(), sec)
+        elif name == "prompt_adaptation":
+            emb, sec = _timed(lambda: torch.cat([adapt_prompt_embedding(
+                pipe, p, iters=opt_iters, num_images=1, seed=seed, num_inference_steps=num_inference_steps,
+                alignment_step=-min(3, num_inference_steps))
+                for p in prompts]))
+            row(name, generate_images(pipe, None, prompt_embeds=emb, **gen), sec)
         else:
             raise ValueError(f"unknown mitigation {name!r}")
     return rows
