@@ -324,6 +324,13 @@ def test_paper_defaults_of_the_built_in_metrics():
     assert get_metric("flipd").defaults["t0"] == get_metric("flipd_cond").defaults["t0"] == 0.05
     assert get_metric("nb").defaults["t0"] == 0.1 and get_metric("nb").per_image
     assert get_metric("cfg_norm_train").defaults == {"t0": 0.01, "n_euler": 3}
+    # issue 16's caption-level detectors: Jeon et al. n = 4 latents, Asthana and Belagiannis gamma 1 and 2
+    # at the third-to-last step, Ren et al. one latent; all on the 50-step DDIM grid
+    assert get_metric("sharpness").defaults["num_images"] == 4
+    assert get_metric("norm_alignment").defaults == {"num_images": 1, "norm_weight": 1.0, "alignment_weight": 2.0,
+                                                     "alignment_step": -3, "num_inference_steps": 50}
+    assert get_metric("attention_entropy").defaults == {"num_images": 1, "num_inference_steps": 50,
+                                                        "guidance_scale": 7.5}
 
 
 def _scan_with_inputs(tmp_path, capsys, n, model, metrics, *args):
@@ -362,6 +369,39 @@ def test_cfg_norm_train_metric_equals_the_library(tmp_path, capsys):
     assert (ref > 0).all()
     meta = json.loads((tmp_path / "out" / "scan.json").read_text())
     assert meta["metrics"]["cfg_norm_train"]["lower_is_memorized"] is False
+
+
+def test_caption_detector_metrics_equal_the_library(tmp_path, capsys):
+    """sharpness / norm_alignment / attention_entropy of a training image are the issue-16
+    detectors of its caption as a prompt, with the scan's seed and options."""
+    from mmh_fast.text import cross_attention_entropy, hessian_score_difference_norm, norm_alignment_score
+
+    names = "sharpness,norm_alignment,attention_entropy"
+    rows, pipe, _ = _scan_with_inputs(tmp_path, capsys, 4, "toy-sd", names, "--seed", "3",
+                                      "--option", "num_inference_steps=5", "--option", "sharpness.num_images=2")
+    caps = [r["caption"] for r in rows]
+    fast = dict(num_inference_steps=5, seed=3)
+    ref = {"sharpness": hessian_score_difference_norm(pipe, caps, num_images=2, **fast),
+           "norm_alignment": norm_alignment_score(pipe, caps, **fast),
+           "attention_entropy": cross_attention_entropy(pipe, caps, **fast)}
+    for name, r in ref.items():
+        np.testing.assert_allclose([row[name] for row in rows], r.double().numpy(), rtol=1e-6, atol=1e-9,
+                                   err_msg=name)
+    meta = json.loads((tmp_path / "out" / "scan.json").read_text())
+    ms = meta["settings"]["metric_settings"]
+    # paper defaults recorded, no diffusion time: these start from pure noise
+    assert ms["norm_alignment"] == {"num_images": 1, "norm_weight": 1.0, "alignment_weight": 2.0,
+                                    "alignment_step": -3, "num_inference_steps": 5}
+    assert ms["sharpness"] == {"num_images": 2, "num_inference_steps": 5, "guidance_scale": 7.5}
+    assert all(meta["metrics"][n]["lower_is_memorized"] is False for n in ref)
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "bad", "--option", "sharpness.t0=0.1", metrics="sharpness",
+                    model="toy-sd")
+    assert rc == 2 and "sharpness.t0: not an option of the selected metrics" in err
+    rc, err = _scan(capsys, tmp_path / "imgs", tmp_path / "bad2", "--option", "num_images=2.5",
+                    metrics="norm_alignment", model="toy-sd")
+    # a metric's failure is each row's error, as for every metric (scan itself goes on)
+    assert rc == 0 and all("--option num_images: expected an integer, got 2.5" in r["error"]
+                           for r in _rows(tmp_path / "bad2")), err
 
 
 def test_png_metric_and_default_metrics(tmp_path, capsys):

@@ -51,6 +51,7 @@ class Metric:
     options: tuple = ()
     defaults: dict = field(default_factory=dict)
     per_image: bool = False
+    uses_t0: bool = True
 
 
 @dataclass
@@ -126,7 +127,7 @@ def register_metric(name: str, fn: Callable | None = None, *, needs_model: bool 
                     needs_captions: bool = False, needs_conditional_model: bool = False,
                     lower_is_memorized: bool = True, dtype: str = "float64", description: str = "",
                     options: Sequence[str] = (), overwrite: bool = False, defaults: dict | None = None,
-                    per_image: bool = False):
+                    per_image: bool = False, uses_t0: bool = True):
     """Register ``fn`` as metric ``name`` (usable as a decorator when ``fn`` is omitted).
 
     Args:
@@ -143,6 +144,9 @@ def register_metric(name: str, fn: Callable | None = None, *, needs_model: bool 
             the results; ``t0`` here is the metric's own diffusion time.
         per_image: run one image per call and report progress after each (for
             metrics that take seconds per image, e.g. nb).
+        uses_t0: False for a model metric that has no diffusion time of its own
+            (the caption-level detectors, which start from pure noise): no ``t0``
+            setting is recorded for it and ``--option NAME.t0`` is refused.
     """
     if not isinstance(name, str) or not name.replace("_", "").isalnum() or name[0].isdigit():
         raise ValueError(f"metric name must be an identifier (letters, digits, _), got {name!r}")
@@ -157,7 +161,7 @@ def register_metric(name: str, fn: Callable | None = None, *, needs_model: bool 
         _REGISTRY[name] = Metric(name, f, needs_model, needs_captions or needs_conditional_model,
                                  needs_conditional_model, lower_is_memorized, dtype,
                                  description or (f.__doc__ or "").strip().split("\n")[0], tuple(options),
-                                 dict(defaults or {}), bool(per_image))
+                                 dict(defaults or {}), bool(per_image), bool(uses_t0))
         return f
 
     return deco if fn is None else deco(fn)
@@ -238,7 +242,7 @@ def effective_settings(metric: Metric, *, t0: float | None, options: dict) -> di
     defaults. ``t0`` is a setting of metrics that need a model (their default
     from ``defaults``, else :data:`FALLBACK_T0`)."""
     eff = dict(metric.defaults)
-    if metric.needs_model:
+    if metric.needs_model and metric.uses_t0:
         eff.setdefault("t0", FALLBACK_T0)
     if t0 is not None and "t0" in eff:
         eff["t0"] = t0
@@ -265,11 +269,12 @@ def check_options(metrics: Sequence[Metric], options: dict) -> None:
                 bad.append(key)
             continue
         m = by_name.get(prefix)
-        if m is None or not (setting in m.options or (setting == "t0" and m.needs_model)):
+        if m is None or not (setting in m.options or (setting == "t0" and m.needs_model and m.uses_t0)):
             bad.append(key)
     if bad:
         names = ", ".join(m.name for m in metrics)
-        per = "; ".join(f"{m.name}: {', '.join((['t0'] if m.needs_model else []) + list(m.options)) or 'none'}"
+        per = "; ".join(f"{m.name}: "
+                        f"{', '.join((['t0'] if m.needs_model and m.uses_t0 else []) + list(m.options)) or 'none'}"
                         for m in metrics)
         raise UserError(f"--option {', '.join(bad)}: not an option of the selected metrics ({names}; "
                         f"settings per metric: {per}; NAME.SETTING sets one metric's, SETTING every metric's)")
@@ -296,6 +301,9 @@ def _pick(options: dict, names) -> dict:
 
 from .. import flipd as _lib_flipd, normal_bundle as _lib_nb  # noqa: E402
 from ..text import cfg_norm_train as _lib_cfg_norm_train  # noqa: E402
+from ..text import cross_attention_entropy as _lib_entropy  # noqa: E402
+from ..text import hessian_score_difference_norm as _lib_sharpness  # noqa: E402
+from ..text import norm_alignment_score as _lib_norm_alignment  # noqa: E402
 
 # The paper's settings (MMH App. C): FLIPD at t0 = 0.05, NB at t0 = 0.1, the
 # training-set CFG norm at t0 = 0.01 after 3 Euler steps; the rest are the
@@ -361,3 +369,57 @@ def _cfg_norm_train(batch, ctx):
     caps = ["" if c is None else str(c) for c in batch.captions]
     return cfg_norm_train(ctx.model.pipeline, batch.images, caps, t0=ctx.t0,
                           **{k: int(v) for k, v in _pick(ctx.options, ("n_euler",)).items()})
+
+
+# Caption-level detectors of issue 16: prompt-level scores, so a training image's
+# value is its caption's score as a prompt (the pixels are not read). Each
+# distinct caption of a batch is scored once; the library keys its latents by
+# (seed, image index), so a caption's score does not depend on the batch.
+_SHARPNESS_OPTIONS = ("num_images", "num_inference_steps", "guidance_scale")
+_NORM_ALIGNMENT_OPTIONS = ("num_images", "norm_weight", "alignment_weight", "alignment_step", "num_inference_steps")
+_ENTROPY_OPTIONS = ("num_images", "num_inference_steps", "guidance_scale")
+_INT_OPTIONS = ("num_images", "num_inference_steps", "alignment_step")
+
+
+def _number(value, name: str, *, integer: bool):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+    if not ok or (integer and float(value) != int(value)):
+        raise UserError(f"--option {name}: expected {'an integer' if integer else 'a finite number'}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def _per_caption(fn, batch, ctx, names):
+    caps = ["" if c is None else str(c) for c in batch.captions]
+    distinct = list(dict.fromkeys(caps))
+    opts = {k: _number(v, k, integer=k in _INT_OPTIONS) for k, v in _pick(ctx.options, names).items()}
+    s = torch.as_tensor(fn(ctx.model.pipeline, distinct, seed=ctx.seed, **opts), dtype=torch.float64).reshape(-1)
+    at = {c: i for i, c in enumerate(distinct)}
+    return s[torch.tensor([at[c] for c in caps])]
+
+
+def _register_caption_detector(name, lib_fn, options, description):
+    def fn(batch, ctx):
+        return _per_caption(lib_fn, batch, ctx, options)
+
+    fn.__name__ = f"_{name}"
+    register_metric(name, fn, needs_model=True, needs_captions=True, needs_conditional_model=True,
+                    lower_is_memorized=False, uses_t0=False, options=options,
+                    defaults=_library_defaults(lib_fn, options), description=description)
+
+
+_register_caption_detector(
+    "sharpness", _lib_sharpness, _SHARPNESS_OPTIONS,
+    "initial-stage sharpness |(H_c - H_u)(s_c - s_u)| of the caption as a prompt, first DDIM step from pure noise "
+    "(Jeon et al., ICML 2025, Sec. 4.2; text.hessian_score_difference_norm); high = memorized; costs about 11 UNet "
+    "forward passes per latent (num_images = 4: about 43 per distinct caption; 130 ms per caption on the quick "
+    "lab, 9x the one-step cfg_norm)")
+_register_caption_detector(
+    "norm_alignment", _lib_norm_alignment, _NORM_ALIGNMENT_OPTIONS,
+    "norm + alignment score gamma_1 |eps_c - eps_u| + gamma_2 cos(eps_u, eps_c - eps_u) of the caption as a prompt, "
+    "on pure noise (Asthana and Belagiannis, ICLR 2026; text.norm_alignment_score; SD 1.4 weights 1 and 2); "
+    "high = memorized; about 3 UNet forward passes per latent")
+_register_caption_detector(
+    "attention_entropy", _lib_entropy, _ENTROPY_OPTIONS,
+    "entropy of the conditional cross-attention over the caption's tokens at the first DDIM step (Ren et al., "
+    "ECCV 2024, Sec. 4; text.cross_attention_entropy); high = memorized; about 2 UNet forward passes per latent; "
+    "needs diffusers attention processors")
