@@ -48,12 +48,9 @@ def is_oom(exc: BaseException) -> bool:
     """True for an out-of-memory error: ``torch.OutOfMemoryError`` (CUDA), or a
     RuntimeError whose message says so (MPS "MPS backend out of memory", the CPU
     allocator's "DefaultCPUAllocator: not enough memory" / "can't allocate memory")."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
-    if isinstance(exc, (RuntimeError, MemoryError)):
-        msg = str(exc).lower()
-        return isinstance(exc, MemoryError) or any(m in msg for m in _OOM_MESSAGES)
-    return False
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
 
 
 class NonFiniteOutputError(ValueError):
