@@ -169,6 +169,12 @@ def test_bad_inputs_raise_clear_errors():
         evaluate(model, torch.zeros(1, 1, 2, 2), [0.1], solidmark=sm, prompts=["a"])
     with pytest.raises(ValueError, match="num_inference_steps"):
         evaluate(model, torch.zeros(1, 1, 2, 2), [0.1], solidmark=sm, num_inference_steps=0)
+    for bad in ({"resample": 0}, {"jump_length": 0}, {"resample": 2.0}, {"batch_size": 0}, {"batch_size": True}):
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+            evaluate(model, torch.zeros(1, 1, 2, 2), [0.1], solidmark=sm, num_inference_steps=10, **bad)
+    with pytest.raises(ValueError, match="jump_length=10 must be smaller than num_inference_steps=10"):
+        evaluate(model, torch.zeros(1, 1, 2, 2), [0.1], solidmark=sm, num_inference_steps=10, jump_length=10)
 
 
 # ---------------------------------------------------------------------------
