@@ -6,7 +6,8 @@ import gc
 import time
 from typing import Any, Callable
 
-__all__ = ["best_time", "compare", "manifold_data", "peak_rss_delta_mib"]
+__all__ = ["best_time", "compare", "manifold_data", "peak_rss_delta_mib", "sd15_scheduler", "sd15_text_encoder",
+           "sd15_unet"]
 
 
 def best_time(fn: Callable[[], Any], rounds: int = 3, warmup: int = 1) -> float:
@@ -70,3 +71,47 @@ def manifold_data(n, D, seed=0, noise=0.01):
     rb = np.linalg.qr(rng.normal(size=(D, 10)))[0]
     x = np.concatenate([a @ ra.T, b @ rb.T + 5.0]) + noise * rng.normal(size=(n, D))
     return x.astype(np.float32)
+
+
+def sd15_unet(seed: int = 0):
+    """A UNet2DConditionModel with Stable Diffusion 1.5's shapes (860M
+    parameters), random weights after ``torch.manual_seed(seed)``, float32 on
+    the CPU (nothing downloaded). The global torch generator is left where the
+    UNet's initialisation put it, so models built after it are seeded too."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+def sd15_text_encoder():
+    """(tokenizer, text encoder): a small byte-level CLIP tokenizer (77 tokens)
+    and a CLIPTextModel with SD-1.5's shapes (12 layers, width 768, 123M
+    parameters), random weights from the global torch generator, float32 on
+    the CPU (nothing downloaded)."""
+    import tempfile
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from mmh_fast.testing import write_tiny_clip_tokenizer
+
+    tdir = tempfile.mkdtemp(prefix="mmh_sd15_tok_")
+    write_tiny_clip_tokenizer(tdir)
+    tok = CLIPTokenizer.from_pretrained(tdir, model_max_length=77)
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return tok, CLIPTextModel(cfg)
+
+
+def sd15_scheduler():
+    """SD-1.5's DDIM scheduler configuration."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)

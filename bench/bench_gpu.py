@@ -32,7 +32,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _harness import best_time, compare
+from _harness import best_time, compare, sd15_scheduler, sd15_text_encoder, sd15_unet
 
 import mmh_fast
 from mmh_fast import ops
@@ -198,15 +198,7 @@ def test_gpu_hutchinson_probes(benchmark):
 
 
 def _sd15_unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-    return unet.to(CUDA, torch.float16).eval()
+    return sd15_unet(0).to(CUDA, torch.float16).eval()
 
 
 @pytest.fixture(scope="module")
@@ -255,25 +247,14 @@ def test_gpu_flipd_sd15_unet_fp16(benchmark, sd15_unet):
 
 
 def _sd15_pipeline(unet):
-    import tempfile
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from mmh_fast.testing import write_tiny_clip_tokenizer
-
-    tdir = tempfile.mkdtemp(prefix="mmh_sd15_tok_")
-    write_tiny_clip_tokenizer(tdir)
-    tok = CLIPTokenizer.from_pretrained(tdir, model_max_length=77)
-    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    text = CLIPTextModel(cfg).to(CUDA, torch.float16).eval()
+    tok, text = sd15_text_encoder()
+    text = text.to(CUDA, torch.float16).eval()
     vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
                         norm_num_groups=32).to(CUDA, torch.float16)
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
+    sched = sd15_scheduler()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
