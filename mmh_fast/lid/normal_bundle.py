@@ -258,9 +258,9 @@ def normal_bundle(model, x, t0: float = 0.01, *, scheduler=None, cond=None, unco
         e = gen(gid, d, _NB_STREAM, K, seed, _PROBE_GAUSSIAN, z.dtype).transpose(0, 1)
         Y = (psi * z.index_select(0, pts).reshape(G, 1, d) + sigma * e).reshape((G * K,) + tuple(z.shape[1:]))
         S = torch.empty(G * K, d, dtype=z.dtype, device=z.device)
-        sizes = []
 
-        def rows(r0: int, r1: int, pts=pts, Y=Y, S=S, sizes=sizes, g0=g0) -> None:
+        # run_chunked calls this within the iteration, so the loop's names bind as they are now
+        def rows(r0: int, r1: int) -> int:
             # rows r0..r1 belong to points r // K of the group
             p_idx = torch.arange(r0 // K, (r1 - 1) // K + 1, device=z.device)
             counts = torch.full_like(p_idx, K)
@@ -275,9 +275,9 @@ def normal_bundle(model, x, t0: float = 0.01, *, scheduler=None, cond=None, unco
                 eps = _call_checked(f, Y[r0:r1])
             check_finite(eps, what=what, index=g0 + torch.arange(r0, r1) // K)
             S[r0:r1] = eps.reshape(r1 - r0, d).to(S.dtype)
-            sizes.append(r1 - r0)
+            return r1 - r0
 
-        run_chunked(rows, G * K, batch_size=rows_cap, what="normal_bundle's network calls")
+        sizes = run_chunked(rows, G * K, batch_size=rows_cap, what="normal_bundle's network calls")
         rows_cap = min(rows_cap, max(sizes))  # an OOM-halved size stays for the next groups
         S = S.reshape(G, K, d).mul_(-1.0 / sigma)
         if center:
