@@ -42,7 +42,7 @@ import sys
 import numpy as np
 
 from .errors import UserError
-from .writer import META_KEY, RESULTS, write_table_atomic
+from .writer import META_KEY, RESULTS, read_output, write_table_atomic
 
 __all__ = ["run_classify", "CLASSES", "MODEL_METRICS"]
 
@@ -78,21 +78,6 @@ def _parse_margin(text):
     return v
 
 
-def _read(path, default_name, what):
-    import pyarrow.parquet as pq
-
-    if os.path.isdir(path):
-        path = os.path.join(path, default_name)
-    if not os.path.isfile(path):
-        raise UserError(f"{what}: {path} does not exist")
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow's own error types
-        raise UserError(f"{what}: {path} is not a readable Parquet file: {exc}") from None
-    meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
-    return path, table, meta
-
-
 def run_classify(scan: str, lid_data: str, *, model_metric: str | None = None, margin=None, low=None,
                  scale="none", out: str | None = None, quiet: bool = False) -> dict:
     """Join, classify and write ``classes.parquet`` (see the module docstring).
@@ -103,8 +88,8 @@ def run_classify(scan: str, lid_data: str, *, model_metric: str | None = None, m
 
     scale = _parse_scale(scale) if isinstance(scale, str) else scale
     margin = _parse_margin(margin) if isinstance(margin, str) or margin is None else float(margin)
-    scan_path, st, smeta = _read(scan, RESULTS, "SCAN_DIR")
-    lid_path, lt, lmeta = _read(lid_data, "lid_data.parquet", "--lid-data")
+    scan_path, st, smeta = read_output(scan, default_name=RESULTS, what="SCAN_DIR")
+    lid_path, lt, lmeta = read_output(lid_data, default_name="lid_data.parquet", what="--lid-data")
     if "lid_data" not in lt.column_names or "key" not in lt.column_names:
         raise UserError(f"--lid-data: {lid_path} has no 'key' and 'lid_data' columns (made by mmh-fast lid-data?)")
     if model_metric is None:

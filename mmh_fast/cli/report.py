@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from .errors import UserError
-from .writer import META_KEY, RESULTS
+from .writer import META_KEY, RESULTS, read_output
 
 __all__ = ["roc_curve", "roc_auc", "tpr_at_fpr", "make_report", "load_results", "load_labels", "read_table"]
 
@@ -77,17 +77,8 @@ def tpr_at_fpr(fpr, tpr, target: float = 0.01) -> float:
 # --------------------------------------------------------------------------- inputs
 def load_results(path: str):
     """(pyarrow table, metadata dict) of a results file or a scan directory."""
-    import pyarrow.parquet as pq
-
-    if os.path.isdir(path):
-        path = os.path.join(path, RESULTS)
-    if not os.path.isfile(path):
-        raise UserError(f"results file {path!r} does not exist (run `mmh-fast merge DIR` for a scan's parts)")
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:
-        raise UserError(f"cannot read {path!r} as Parquet: {exc}") from None
-    meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
+    path, table, meta = read_output(path, default_name=RESULTS, what="results file",
+                                    missing_hint=" (run `mmh-fast merge DIR` for a scan's parts)")
     if "key" not in table.column_names:
         raise UserError(f"{path!r} has no 'key' column: not a scan result")
     return table, meta

@@ -38,7 +38,7 @@ from .errors import UserError
 
 __all__ = ["MANIFEST", "RESULTS", "META_KEY", "ResumeState", "PartWriter", "read_resume_state", "merge",
            "part_files", "table_metadata", "result_schema", "write_table_atomic", "read_manifest",
-           "write_json_atomic", "settings_diff", "describe_errors"]
+           "write_json_atomic", "settings_diff", "describe_errors", "read_output"]
 
 MANIFEST = "scan.json"
 RESULTS = "results.parquet"
@@ -63,6 +63,21 @@ def table_metadata(path: str) -> dict:
     md = pq.read_schema(path).metadata or {}
     raw = md.get(META_KEY)
     return json.loads(raw) if raw else {}
+
+
+def read_output(path: str, *, default_name: str, what: str, missing_hint: str = ""):
+    """(path, table, ``mmh_fast`` metadata dict) of a command's Parquet output:
+    ``path`` itself, or ``default_name`` inside it when it is a directory.
+    Errors are :class:`UserError` naming ``what`` (the argument) and the path."""
+    if os.path.isdir(path):
+        path = os.path.join(path, default_name)
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path!r} does not exist{missing_hint}")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow's own error types
+        raise UserError(f"{what} {path!r} is not a readable Parquet file: {exc}") from None
+    return path, table, json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
 
 
 def _fsync_dir(path: str) -> None:
