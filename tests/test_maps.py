@@ -166,6 +166,8 @@ def test_bad_input_names_the_argument():
         score_difference_map(pipe, "a dog", step=50)
     with pytest.raises(ValueError, match="n_probes must be >= 1"):
         curvature_difference_map(pipe, "a dog", n_probes=0)
+    with pytest.raises(TypeError, match="upsample must be True or False"):
+        score_difference_map(pipe, "a dog", upsample=1)
     from test_text_sharpness import _NaNNet, _fresh_sd
 
     bad = _fresh_sd()

@@ -36,8 +36,6 @@ __all__ = ["curvature_difference_map", "score_difference_map", "map_localization
 
 def _upsample(maps: torch.Tensor, tp, upsample: bool) -> torch.Tensor:
     """[R, h, w] -> [R, H, W] at image resolution for latent pipelines (bilinear)."""
-    if not isinstance(upsample, bool):
-        raise TypeError(f"upsample must be True or False, got {upsample!r}")
     if not upsample or not is_latent_pipeline(tp.pipe):
         return maps
     blocks = getattr(getattr(tp.pipe.vae, "config", None), "block_out_channels", None)
@@ -82,27 +80,20 @@ def curvature_difference_map(pipe, prompts, *, num_images: int = 1, step: int = 
     Returns:
         float64 [N, num_images, H, W] on the CPU (>= 0).
     """
-    S = setup(pipe, prompts, num_images=num_images, num_inference_steps=num_inference_steps, seed=seed,
-              guidance_scale=guidance_scale)
-    tp, prompts, M, lam, seed, grid, cond_all, uncond = (S.tp, S.prompts, S.num_images, S.guidance_scale, S.seed,
-                                                         S.grid, S.cond, S.uncond)
-    step = check_step(step, len(grid))
     n_probes = check_int(n_probes, "n_probes", 1)
-    out = []
-    for rows in row_chunks(len(prompts), M, batch_size):
-        cond = cond_all.index_select(0, rows.prompt.to(cond_all.device))
-        (_, x), = points_at(tp, grid, rows, seed, cond, uncond, lam, [step])
+
+    def diagonal(S, rows, step, x, cond):
         diag = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
         for q in range(n_probes):
-            v = hutchinson_probes(tuple(x.shape), 1, seed=seed, sample_ids=rows.image, probe_begin=q,
+            v = hutchinson_probes(tuple(x.shape), 1, seed=S.seed, sample_ids=rows.image, probe_begin=q,
                                   dtype=x.dtype, device=x.device)[0]
-            _, (j_u, j_c) = eps_pair_jvp(tp, grid, step, x, v, cond, uncond)
+            _, (j_u, j_c) = eps_pair_jvp(S.tp, S.grid, step, x, v, cond, S.uncond)
             diag += (v * (j_c - j_u)).to(torch.float64)
-        out.append((diag.sum(1) / n_probes).clamp_min(0).cpu())
-    maps = torch.cat(out)
-    maps = check_scores(maps.reshape(len(prompts), -1), "curvature_difference_map", prompts).reshape(maps.shape)
-    maps = _upsample(maps, tp, upsample)
-    return maps.reshape(len(prompts), M, *maps.shape[1:])
+        return (diag.sum(1) / n_probes).clamp_min(0)
+
+    return _maps(pipe, prompts, diagonal, "curvature_difference_map", num_images=num_images, step=step,
+                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+                 upsample=upsample, batch_size=batch_size)
 
 
 @torch.no_grad()
@@ -120,21 +111,33 @@ def score_difference_map(pipe, prompts, *, num_images: int = 1, step: int = -1, 
     Returns:
         float64 [N, num_images, H, W] on the CPU, in score^2 units (>= 0).
     """
+    def squared_difference(S, rows, step, x, cond):
+        e_u, e_c = S.tp.pair(x, S.grid, step, cond, S.uncond)
+        return ((e_c - e_u).to(torch.float64) ** 2).sum(1) / S.grid.sigma[step] ** 2
+
+    return _maps(pipe, prompts, squared_difference, "score_difference_map", num_images=num_images, step=step,
+                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+                 upsample=upsample, batch_size=batch_size)
+
+
+def _maps(pipe, prompts, point_map, name: str, *, num_images, step, num_inference_steps, guidance_scale, seed,
+          upsample, batch_size) -> torch.Tensor:
+    """[N, num_images, H, W]: ``point_map(S, rows, step, x_step, cond)`` [rows, h, w] at
+    step ``step`` of each row's CFG DDIM trajectory, checked finite, upsampled."""
+    if not isinstance(upsample, bool):  # checked before the UNet runs
+        raise TypeError(f"upsample must be True or False, got {upsample!r}")
     S = setup(pipe, prompts, num_images=num_images, num_inference_steps=num_inference_steps, seed=seed,
               guidance_scale=guidance_scale)
-    tp, prompts, M, lam, seed, grid, cond_all, uncond = (S.tp, S.prompts, S.num_images, S.guidance_scale, S.seed,
-                                                         S.grid, S.cond, S.uncond)
-    step = check_step(step, len(grid))
+    step = check_step(step, len(S.grid))
     out = []
-    for rows in row_chunks(len(prompts), M, batch_size):
-        cond = cond_all.index_select(0, rows.prompt.to(cond_all.device))
-        (_, x), = points_at(tp, grid, rows, seed, cond, uncond, lam, [step])
-        e_u, e_c = tp.pair(x, grid, step, cond, uncond)
-        out.append(((e_c - e_u).to(torch.float64) ** 2).sum(1).cpu() / grid.sigma[step] ** 2)
+    for rows in row_chunks(len(S.prompts), S.num_images, batch_size):
+        cond = S.cond.index_select(0, rows.prompt.to(S.cond.device))
+        (_, x), = points_at(S.tp, S.grid, rows, S.seed, cond, S.uncond, S.guidance_scale, [step])
+        out.append(point_map(S, rows, step, x, cond).cpu())
     maps = torch.cat(out)
-    maps = check_scores(maps.reshape(len(prompts), -1), "score_difference_map", prompts).reshape(maps.shape)
-    maps = _upsample(maps, tp, upsample)
-    return maps.reshape(len(prompts), M, *maps.shape[1:])
+    maps = check_scores(maps.reshape(len(S.prompts), -1), name, S.prompts).reshape(maps.shape)
+    maps = _upsample(maps, S.tp, upsample)
+    return maps.reshape(len(S.prompts), S.num_images, *maps.shape[1:])
 
 
 def map_localization(maps: torch.Tensor, masks: torch.Tensor) -> dict:
