@@ -284,6 +284,16 @@ def test_bad_inputs():
         mmh_fast.normal_bundle(lambda y, t: y[:, :2], x, 0.01, scheduler=DDPM)
     with pytest.raises(TypeError, match="no usable schedule"):
         mmh_fast.normal_bundle(m, x, 0.01, scheduler=object())
+    with pytest.raises(ValueError, match="undetermined must be one of"):
+        mmh_fast.normal_bundle(m, x, 0.01, scheduler=DDPM, undetermined="maybe")
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="point_mass_floor must be a number in"):
+            mmh_fast.normal_bundle(m, x, 0.01, scheduler=DDPM, point_mass_floor=bad)
+    for bad in (-1, True, "10"):
+        with pytest.raises(ValueError, match="percentile must be a number in"):
+            mmh_fast.normal_bundle(m, x, 0.01, scheduler=DDPM, rule="percentile", percentile=bad)
+    with pytest.raises(ValueError, match="calibration holds no finite"):
+        mmh_fast.normal_bundle(m, x, 0.01, scheduler=DDPM, rule="percentile", calibration=[float("nan")])
 
 
 def test_trained_network_against_its_training_set():
