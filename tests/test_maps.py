@@ -174,6 +174,8 @@ def test_bad_input_names_the_argument():
     bad.unet = _NaNNet(bad.unet.config)
     with pytest.raises(FloatingPointError, match=r"prompts\[0\] = 'a dog'"):
         score_difference_map(bad, "a dog", num_inference_steps=2)
+    with pytest.raises(FloatingPointError, match=r"prompts\[0\] = 'a dog'"):
+        curvature_difference_map(bad, "a dog", num_inference_steps=2, n_probes=1)
 
 
 def test_map_overlay_blends_red_by_the_normalised_map():
