@@ -134,3 +134,41 @@ def test_flipd_at_mean_closed_form_matches_exact_jacobian(k):
     s = m.score(x, psi, sigma)
     flipd = 7 + sigma**2 * (torch.trace(J) + (s**2).sum())
     assert abs(float(flipd) - m.flipd_at_mean(0, t)) < 1e-9
+
+
+def test_small_unet_levels_stop_at_4x4_and_bad_arguments():
+    """Levels halve the image while the next level stays a whole size of at least
+    4 x 4 (at most 4 levels): 32 -> 16 -> 8 -> 4 is 4 levels, 8 -> 4 is 2, 12 -> 6
+    is 2 (12 / 4 = 3 < 4), 4 is 1; the network maps an image to an eps of its shape."""
+    from mmh_fast.models.training import small_unet
+
+    for size, levels in ((32, 4), (64, 4), (8, 2), (12, 2), (4, 1)):
+        torch.manual_seed(0)
+        net = small_unet(size, channels=1, width=8)
+        assert net.config.block_out_channels == tuple([8] + [16] * (levels - 1))
+        x = torch.randn(2, 1, size, size)
+        with torch.no_grad():
+            assert net(x, torch.tensor([3, 5])).sample.shape == x.shape
+    net = small_unet(16, width=8, attention=True)
+    assert net.config.down_block_types[-1] == "AttnDownBlock2D" and net.config.up_block_types[0] == "AttnUpBlock2D"
+    with pytest.raises(ValueError, match="image_size must be >= 4"):
+        small_unet(3)
+    for w in (4, 12):
+        with pytest.raises(ValueError, match="width must be a multiple of 8"):
+            small_unet(16, width=w)
+
+
+def test_pixel_mlp_is_the_mlp_denoiser_it_wraps():
+    """Same weights, same eps: the diffusers wrapper adds nothing to the MLP's output
+    (its weights come from the global RNG, so they are copied, not re-seeded)."""
+    from mmh_fast.models.pixel_mlp import PixelMLP
+    from mmh_fast.models.training import MLPDenoiser
+
+    m = PixelMLP(sample_size=4, in_channels=2, hidden=32, depth=2, time_dim=16, seed=3)
+    ref = MLPDenoiser((2, 4, 4), hidden=32, depth=2, time_dim=16, seed=3)
+    ref.load_state_dict(m.net.state_dict())
+    x, t = torch.randn(3, 2, 4, 4), torch.tensor([1, 10, 500])
+    with torch.no_grad():
+        got, want = m(x, t).sample, ref(x, t).sample
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
