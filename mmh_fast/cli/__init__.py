@@ -166,6 +166,24 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+def _add_table_columns(p, *, caption: bool = False) -> None:
+    """The column options of table sources, shared by the commands that read sources."""
+    p.add_argument("--image-column", help="table sources: the image path/bytes column (default: auto)")
+    if caption:
+        p.add_argument("--caption-column", help="table sources: the caption column (default: auto)")
+    p.add_argument("--key-column", help="table sources: a unique key column (default: key/id, else the row number)")
+
+
+def _add_progress_options(p, *, log_every: bool = True) -> None:
+    """--quiet, --progress and (for the long runs that log) --log-every."""
+    p.add_argument("--quiet", action="store_true", help="print only errors")
+    p.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto",
+                   help="progress display: a bar on a terminal, log lines otherwise (default: auto)")
+    if log_every:
+        p.add_argument("--log-every", type=float, default=30.0, metavar="SEC",
+                       help="seconds between progress log lines (default: 30)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mmh-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -217,19 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=_positive_int, help="scan only the first N samples of SOURCE")
     s.add_argument("--seed", type=int, default=0, help="seed of randomized estimators (default: 0)")
     s.add_argument("--workers", type=int, help="DataLoader workers decoding images (default: CPUs per process - 1, at most 8)")
-    s.add_argument("--quiet", action="store_true", help="print only errors")
-    s.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto",
-                   help="progress display: a bar on a terminal, log lines otherwise (default: auto)")
-    s.add_argument("--log-every", type=float, default=30.0, metavar="SEC",
-                   help="seconds between progress log lines (default: 30)")
+    _add_progress_options(s)
     s.add_argument("--unit-size", type=_positive_int, default=1024,
                    help="files/rows per work unit of folder and table sources (a shard is one unit): the "
                         "granule of torchrun distribution (default: 1024)")
     s.add_argument("--part-rows", type=_positive_int, default=1024,
                    help="rows per Parquet part: at most this much work is lost by a crash (default: 1024)")
-    s.add_argument("--image-column", help="table sources: the image path/bytes column (default: auto)")
-    s.add_argument("--caption-column", help="table sources: the caption column (default: auto)")
-    s.add_argument("--key-column", help="table sources: a unique key column (default: key/id, else the row number)")
+    _add_table_columns(s, caption=True)
     s.add_argument("--option", action="append", metavar="NAME=VALUE",
                    help="a metric setting: SETTING=VALUE for every metric that reads it (e.g. guidance_scale=7.5), "
                         "METRIC.SETTING=VALUE for one (e.g. flipd.t0=0.05, nb.n_samples=256); repeatable")
@@ -270,15 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="samples per decoding unit (resume granule of the first phase) (default: %(default)s)")
     ld.add_argument("--chunk-rows", type=_positive_int, default=8192,
                     help="rows per neighbour chunk (resume granule of the kNN) (default: %(default)s)")
-    ld.add_argument("--image-column", help="table sources: the image path/bytes column (default: auto)")
-    ld.add_argument("--key-column", help="table sources: a unique key column (default: key/id, else the row number)")
+    _add_table_columns(ld)
     ld.add_argument("--device", help="cpu (default) or cuda[:N]: where the exact kNN and local PCA run")
     ld.add_argument("--seed", type=int, default=0, help="seeds the paper rule's pair sample and faiss (default: 0)")
     ld.add_argument("--workers", type=int, help="processes decoding images (default: CPUs - 1, at most 8)")
-    ld.add_argument("--quiet", action="store_true", help="print only errors")
-    ld.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto",
-                    help="progress display (default: a bar on a terminal, log lines otherwise)")
-    ld.add_argument("--log-every", type=float, default=30.0, metavar="SEC", help="seconds between log lines (default: 30)")
+    _add_progress_options(ld)
     ld.set_defaults(func=_cmd_lid_data)
 
     c = sub.add_parser(
@@ -363,12 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     tr.add_argument("--seed", type=int, default=0, help="seeds the weights, minibatches and noise (default: 0)")
     tr.add_argument("--limit", type=_positive_int, help="train on the first N images of SOURCE only")
-    tr.add_argument("--image-column", help="table sources: the image column (default: auto)")
-    tr.add_argument("--key-column", help="table sources: the key column (default: key/id, else the row number)")
-    tr.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto",
-                    help="a bar on a terminal, log lines otherwise (default: auto)")
+    _add_table_columns(tr)
     tr.add_argument("--overwrite", action="store_true", help="replace a model already in DIR")
-    tr.add_argument("--quiet", action="store_true", help="print only errors")
+    _add_progress_options(tr, log_every=False)
     tr.set_defaults(func=_cmd_train)
 
     from .lab import add_lab_parser  # the memorization lab (mmh_fast.lab)
