@@ -163,3 +163,19 @@ def test_nan_scores_raise_naming_the_prompt(monkeypatch):
     monkeypatch.setattr(A._CrossAttentionProcessor, "__init__", poisoned)
     with pytest.raises(FloatingPointError, match=r"prompts\[0\] = 'a dog'"):
         cross_attention_entropy(tiny_sd(), ["a dog"], num_inference_steps=2)
+
+
+def test_nan_in_the_mitigated_sampler_names_prompts_not_batch_rows(monkeypatch):
+    from mmh_fast.models.batching import NonFiniteOutputError
+    from mmh_fast.text import attention as A
+
+    init = A._CrossAttentionProcessor.__init__
+
+    def poisoned(self, layer, sink, logits):
+        init(self, layer, sink, lambda l, s: s * float("nan"))
+    monkeypatch.setattr(A._CrossAttentionProcessor, "__init__", poisoned)
+    # the first chunk holds rows 0 and 1, both images of prompt 0: the error must report prompt 0 only
+    with pytest.raises(NonFiniteOutputError, match="prompt indices") as e:
+        generate_attention_rescaled(tiny_sd(), ["a dog", "a cat"], num_images=2, batch_size=2,
+                                    num_inference_steps=2, output="latents")
+    assert e.value.positions == [0]

@@ -258,6 +258,6 @@ def generate_attention_rescaled(pipe, prompts, *, bos_scale: float = 1.25, mask_
             state["len"] = lengths.index_select(0, rows.prompt)
             x = tp.initial_latents(rows.image.tolist(), S.seed)
             x = tp.sample(x, grid, S.cond.index_select(0, rows.prompt.to(S.cond.device)), S.uncond,
-                          S.guidance_scale)
+                          S.guidance_scale, positions=rows.prompt)
             outs.append(decode_latents(tp.pipe, x) if output == "images" else x.float())
     return torch.cat(outs)

@@ -316,6 +316,7 @@ def generate_sail(pipe, prompts, *, num_images: int = 1, guidance_scale: float =
     outs = []
     for rows in row_chunks(len(prompts), num_images, batch_size):
         x = res.latents[rows.r].to(tp.device, tp.work_dtype)
-        x = tp.sample(x, grid, cond_all.index_select(0, rows.prompt.to(cond_all.device)), uncond, lam)
+        x = tp.sample(x, grid, cond_all.index_select(0, rows.prompt.to(cond_all.device)), uncond, lam,
+                      positions=rows.prompt)
         outs.append(decode_latents(tp.pipe, x) if output == "images" else x.float())
     return torch.cat(outs)
