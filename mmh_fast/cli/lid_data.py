@@ -68,7 +68,7 @@ import torch
 
 from .. import __version__
 from .errors import UserError
-from .writer import META_KEY, settings_diff, write_json_atomic, write_table_atomic
+from .writer import META_KEY, read_manifest, settings_diff, write_json_atomic, write_table_atomic
 
 __all__ = ["LidDataConfig", "run_lid_data", "MANIFEST", "RESULT", "INDEXES"]
 
@@ -502,11 +502,11 @@ def _lid_chunk(x, d, nb, cfg, paper):
     from .. import ops
     from ..lid.lpca import _floor_zeros, apply_rule
 
-    n_copies = (d <= 0).sum(1).cpu().numpy().astype(np.int64)
+    n_dup = (d <= 0).sum(1)
+    n_copies = n_dup.cpu().numpy().astype(np.int64)
     if paper is not None:
         r_star, scale2, r0 = paper
         own = torch.arange(r0, r0 + len(nb), device=nb.device).unsqueeze(1)
-        n_dup = (d <= 0).sum(1)
         n_near = (d <= r_star).sum(1)
         # as lpca(rule="paper"): the copies if any, else the neighbours within r*, else all k
         use = torch.where(n_dup > 0, n_dup, torch.where(n_near > 0, n_near, torch.full_like(n_near, cfg.k)))
@@ -548,7 +548,8 @@ def _neighbour_phase(cfg, x, progress, say):
         if recall < cfg.target_recall:
             say(f"warning: faiss reached recall@{cfg.k} = {recall:.4f} only, below --target-recall "
                 f"{cfg.target_recall}, at the widest search tried")
-    progress.update(sum(chunks[i][1] - chunks[i][0] for i in range(len(chunks)) if i not in set(todo)), 0)
+    pending = set(todo)
+    progress.update(sum(r1 - r0 for i, (r0, r1) in enumerate(chunks) if i not in pending), 0)
     for i in todo:
         r0, r1 = chunks[i]
         d, nb = search(r0, r1)
@@ -573,14 +574,6 @@ def _lids(cfg, n_chunks):
 
 
 # --------------------------------------------------------------------------- the command
-def _load_manifest(out):
-    path = os.path.join(out, MANIFEST)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def run_lid_data(cfg: LidDataConfig) -> dict:
     """Run ``lid-data`` as configured; returns the summary written to ``lid_data.json``.
     Raises :class:`UserError` for bad inputs."""
@@ -612,7 +605,7 @@ def run_lid_data(cfg: LidDataConfig) -> dict:
                                                    "num_samples": source.num_samples},
                 "settings": _settings(cfg)}
     os.makedirs(cfg.out, exist_ok=True)
-    old = _load_manifest(cfg.out)
+    old = read_manifest(cfg.out, name=MANIFEST)
     if old is not None:
         diff = settings_diff({"source": {k: old["source"].get(k) for k in ("kind", "fingerprint")},
                               **old["settings"]},

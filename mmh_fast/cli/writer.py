@@ -147,8 +147,9 @@ def describe_errors(summary: dict) -> str:
     return f"\n  failed: {shown}{more}; every failed sample has its reason in the 'error' column of {summary['path']}"
 
 
-def read_manifest(out_dir: str) -> dict | None:
-    path = os.path.join(out_dir, MANIFEST)
+def read_manifest(out_dir: str, *, name: str = MANIFEST) -> dict | None:
+    """The JSON manifest ``name`` of an output directory (None when absent)."""
+    path = os.path.join(out_dir, name)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
