@@ -34,6 +34,14 @@ def test_gni_noise_scale_and_batch_invariance():
         gni(e, sample_ids=[1, 2])
     with pytest.raises(TypeError, match="floating-point"):
         gni(torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="scale must be a number"):
+        GaussianNoiseInjection("0.1")
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        GaussianNoiseInjection(0.1, seed=1.5)
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        CaptionWordRepeat(1, seed=True)
+    with pytest.raises(TypeError, match="sample_ids must be a sequence"):
+        gni(e, sample_ids="abcdef")
 
 
 def test_prompt_transforms_insert_what_they_say():
