@@ -101,6 +101,11 @@ def test_check_finite_names_output_and_positions():
     with pytest.raises(NonFiniteOutputError) as info:
         check_finite(t.T.contiguous(), what="w", dim=1)
     assert info.value.positions == [1, 4]
+    # with index (the point each row belongs to: two copies per point), rows 1 and 4 are points 7 and 9, once each
+    t[0, 1] = float("nan")  # row 0: point 7 again
+    with pytest.raises(NonFiniteOutputError) as info:
+        check_finite(t, what="copies", index=torch.tensor([7, 7, 8, 8, 9, 9]), offset=100)
+    assert info.value.positions == [7, 9]
     # finite values whose sum overflows are finite: no error
     check_finite(torch.full((4, 2), 3e38), what="big")
     check_finite(torch.zeros(0, 3), what="empty")
