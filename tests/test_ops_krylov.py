@@ -34,10 +34,6 @@ def test_a_samples_ritz_values_do_not_depend_on_its_batch():
     torch.testing.assert_close(both[1:2], alone, rtol=1e-12, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: the restart vector's probe index counts the restarts of "
-                   "the whole batch, so a sample whose Krylov space becomes invariant gets another restart "
-                   "vector when a batch-mate restarted first (keying it by the step, probe index j + 1, "
-                   "would make it per-sample)")
 def test_a_samples_ritz_values_after_a_restart_do_not_depend_on_its_batch():
     # diag(1, 1, 2, 2): K_2 is invariant, the restart vector r lies in its complement and the third
     # Ritz value is r's Rayleigh quotient, which depends on r; 3 I restarts at the first step

@@ -59,7 +59,6 @@ def krylov_eigenvalues(matvec: Callable[[torch.Tensor], torch.Tensor], x: torch.
     H = torch.zeros(B, k + 1, k, dtype=torch.float64, device=dev)
     q = fresh(0)
     Q[0] = q / q.norm(dim=1, keepdim=True)
-    restarts = 1
     for j in range(k):
         w = matvec(Q[j].to(dt).reshape(x.shape))
         if not isinstance(w, torch.Tensor) or w.shape != x.shape:
@@ -82,8 +81,9 @@ def krylov_eigenvalues(matvec: Callable[[torch.Tensor], torch.Tensor], x: torch.
         dead = nrm <= 1e-10 * scale.clamp_min(torch.finfo(torch.float64).tiny)
         if bool(dead.any()):
             H[dead, j + 1, j] = 0
-            r = fresh(restarts)
-            restarts += 1
+            # keyed by the step, not by a batch-wide restart count, so a sample's restart
+            # vector does not depend on whether a batch-mate restarted first
+            r = fresh(j + 1)
             for _ in range(2):
                 r = r - torch.einsum("bj,jbd->bd", torch.einsum("jbd,bd->bj", Q[:j + 1], r), Q[:j + 1])
             w = torch.where(dead[:, None], r, w)
