@@ -125,3 +125,19 @@ def test_classify_input_errors(scanned, capsys, tmp_path):
     rc = main(["classify", str(sdir), "--lid-data", str(tmp_path / "lid2"), "--model-metric", "lid_table"])
     err = capsys.readouterr().err
     assert rc == 2 and "no key of" in err and "'img000.png'" in err and "'x/a.png'" in err
+
+
+def test_classify_unreadable_inputs_name_the_argument(scanned, capsys, tmp_path):
+    root, scan = scanned[0], scanned[3]
+    rc = main(["classify", str(tmp_path / "nothing"), "--lid-data", str(root / "lid")])
+    assert rc == 2 and "SCAN_DIR" in (err := capsys.readouterr().err) and "does not exist" in err, err
+    rc = main(["classify", str(scan("scan_ok", 1.0)), "--lid-data", str(tmp_path / "nothing")])
+    assert rc == 2 and "--lid-data" in (err := capsys.readouterr().err) and "does not exist" in err, err
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    rc = main(["classify", str(tmp_path / "bad.parquet"), "--lid-data", str(root / "lid")])
+    assert rc == 2 and "is not a readable Parquet file" in capsys.readouterr().err
+    # a Parquet file that is no scan result (no key column): a clear error, not a traceback
+    import pyarrow as pa
+    pq.write_table(pa.table({"flipd": [1.0, 2.0]}), tmp_path / "nokey.parquet")
+    rc = main(["classify", str(tmp_path / "nokey.parquet"), "--lid-data", str(root / "lid")])
+    assert rc == 2 and "has no 'key' column" in capsys.readouterr().err

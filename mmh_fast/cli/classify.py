@@ -90,6 +90,8 @@ def run_classify(scan: str, lid_data: str, *, model_metric: str | None = None, m
     margin = _parse_margin(margin) if isinstance(margin, str) or margin is None else float(margin)
     scan_path, st, smeta = read_output(scan, default_name=RESULTS, what="SCAN_DIR")
     lid_path, lt, lmeta = read_output(lid_data, default_name="lid_data.parquet", what="--lid-data")
+    if "key" not in st.column_names:
+        raise UserError(f"SCAN_DIR: {scan_path} has no 'key' column (made by mmh-fast scan?)")
     if "lid_data" not in lt.column_names or "key" not in lt.column_names:
         raise UserError(f"--lid-data: {lid_path} has no 'key' and 'lid_data' columns (made by mmh-fast lid-data?)")
     if model_metric is None:
