@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from .data import LabData, make_data, png_bytes, vocabulary, write_tokenizer
-from .training import (LabConfig, make_text_encoder, make_unet, make_vae, refine_decoder, sampling_scheduler,
-                       set_threads, train_denoiser, train_vae)
+from .training import (LabConfig, latent_means, make_text_encoder, make_unet, make_vae, refine_decoder,
+                       sampling_scheduler, set_threads, train_denoiser, train_vae)
 
 BUILD_FILE = "build.json"
 FORMAT = 1
@@ -85,12 +85,6 @@ def _write_tokenizer(directory: str, words: list[str], max_length: int):
     if bad:
         raise RuntimeError(f"lab tokenizer: the words {bad} are not single tokens")
     return tok
-
-
-def _write_vocab_files(pipeline_dir: str, words: list[str], max_length: int) -> None:
-    """vocab.json and merges.txt beside the tokenizer.json that save_pretrained writes,
-    so that CLIPTokenizer loads the lab's vocabulary with any transformers version."""
-    _write_tokenizer(os.path.join(pipeline_dir, "tokenizer"), words, max_length)
 
 
 def _expected(size: str, seed: int, config: LabConfig) -> dict:
@@ -170,9 +164,7 @@ def _train(out_dir: str, cfg: LabConfig, seed: int, progress) -> dict:
     vae = make_vae(cfg, seed)
     vae_stats = train_vae(vae, images, cfg, seed=seed + 1, progress=progress)
     t_vae = time.time() - t0
-    with torch.no_grad():
-        lat = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
-    lat = lat * vae.config.scaling_factor
+    lat = latent_means(vae, images) * vae.config.scaling_factor
     text = make_text_encoder(cfg, tok, seed + 2)
     unet = make_unet(cfg, seed + 3)
     enc = tok(data.captions, padding="max_length", max_length=cfg.max_length, truncation=True, return_tensors="pt")
@@ -185,7 +177,9 @@ def _train(out_dir: str, cfg: LabConfig, seed: int, progress) -> dict:
                                    scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(pdir, safe_serialization=True)
-    _write_vocab_files(pdir, vocabulary(data), cfg.max_length)
+    # vocab.json and merges.txt beside the tokenizer.json that save_pretrained writes, so that
+    # CLIPTokenizer loads the lab's vocabulary with any transformers version
+    _write_tokenizer(os.path.join(pdir, "tokenizer"), vocabulary(data), cfg.max_length)
     _write_tables(out_dir, data, tr["stream_count"])
     return {"vae": vae_stats, "loss_curve": tr["loss_curve"], "seconds": {"vae": t_vae,
                                                                            "denoiser": tr["train_seconds"],

@@ -34,6 +34,12 @@ def roc_stats(scores, labels) -> dict:
             "fpr": fpr.tolist(), "tpr": tpr.tolist()}
 
 
+def _alignment_step(num_inference_steps: int) -> int:
+    """t_low of norm_alignment_score: the paper's third-to-last step (the first on grids of fewer than 3 steps,
+    as in the test labs)."""
+    return -min(3, num_inference_steps)
+
+
 def _timed(fn: Callable):
     t = time.perf_counter()
     out = fn()
@@ -107,8 +113,7 @@ def detection(pipe, prompts: Sequence[str], labels, *, guidance_scale: float, nu
                                                                   steps=(0, 1), **kw))
             sign, what = 1, "hessian_score_difference_norm, steps (0, 1)"
         elif m == "norm_alignment":
-            # the paper's t_low is the third-to-last step; a grid shorter than 3 steps (test labs) takes its first
-            low = -min(3, num_inference_steps)
+            low = _alignment_step(num_inference_steps)
             s, sec = _timed(lambda: norm_alignment_score(pipe, prompts, num_images=num_images, alignment_step=low,
                                                          num_inference_steps=num_inference_steps, seed=seed))
             sign, what = 1, f"norm_alignment_score (weights 1, 2; alignment_step {low}; pure noise)"
@@ -267,7 +272,7 @@ def mitigation(pipe, prompts: Sequence[str], digits: Sequence[int], train_images
         elif name == "prompt_adaptation":
             emb, sec = _timed(lambda: torch.cat([adapt_prompt_embedding(
                 pipe, p, iters=opt_iters, num_images=1, seed=seed, num_inference_steps=num_inference_steps,
-                alignment_step=-min(3, num_inference_steps))
+                alignment_step=_alignment_step(num_inference_steps))
                 for p in prompts]))
             row(name, generate_images(pipe, None, prompt_embeds=emb, **gen), sec)
         else:

@@ -12,10 +12,8 @@ import time
 import numpy as np
 
 from .build import build
-from .measure import attribution, detection, digit_classifier, image_level, mitigation
+from .measure import attribution, detection, digit_classifier, image_level, mitigation, roc_stats
 from .truth import COPY_THRESHOLD, ground_truth
-
-DETECTORS = ("cfg_norm_1", "cfg_norm_traj", "A_cfg", "A_score", "A_flipd", "flipd_gen_cond", "flipd_gen_uncond")
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -181,8 +179,6 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
         det = detection(pipe, [texts[i] for i in sel], labels[sel], guidance_scale=cfg.guidance_scale,
                         num_inference_steps=cfg.num_inference_steps, num_images=cfg.n_generations, seed=seed,
                         generations=gt["images"][sel])
-        from .measure import roc_stats
-
         for r in det:
             r["auc_vs_planted"] = roc_stats(r["scores"], gt["planted"][sel])["auc"]
             r["prompts"] = len(sel)

@@ -109,11 +109,17 @@ def train_vae(vae, images: torch.Tensor, cfg: LabConfig, *, seed: int, progress)
         loss.backward()
         opt.step()
     vae.eval()
+    mu = latent_means(vae, images)
     with torch.no_grad():
-        mu = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
         rec = torch.cat([vae.decode(mu[i:i + 256]).sample for i in range(0, len(mu), 256)])
     vae.register_to_config(scaling_factor=float(1.0 / mu.std()))
     return {"vae_rmse": float((rec - images).pow(2).mean().sqrt()), "latent_std": float(mu.std())}
+
+
+def latent_means(vae, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Posterior means [N, 4, h, w] of images [N, 3, H, W] (unscaled), ``chunk`` images per encoder call."""
+    with torch.no_grad():
+        return torch.cat([vae.encode(images[i:i + chunk]).latent_dist.mean for i in range(0, len(images), chunk)])
 
 
 def make_text_encoder(cfg: LabConfig, tokenizer, seed: int):
@@ -220,8 +226,7 @@ def refine_decoder(vae, images: torch.Tensor, cfg: LabConfig, *, seed: int, prog
     if cfg.decoder_steps == 0:
         return {}
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        mu = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+    mu = latent_means(vae, images)
     std = float(mu.std())
     dec = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.Adam(dec, lr=cfg.decoder_lr)
