@@ -305,6 +305,16 @@ def test_build_rejects_bad_arguments(tmp_path):
         mlab.build(tmp_path, size="quick", seed="0")
 
 
+@pytest.mark.parametrize("bad", [{"max_detection": -1}, {"max_attribution": -1}, {"max_mitigation": 1.5}])
+def test_run_lab_rejects_bad_caps(tmp_path, bad):
+    from mmh_fast.lab import run_lab
+
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=f"{name} must be an integer >= 0 or None"):
+        run_lab(tmp_path / "lab", size="quick", progress=False, **bad)
+    assert not (tmp_path / "lab").exists()  # rejected before anything is built
+
+
 def test_dataset_lid_star_of_duplicates_is_zero():
     from mmh_fast import lpca
     from mmh_fast.lab.measure import dataset_lid_star

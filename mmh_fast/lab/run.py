@@ -137,6 +137,11 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
     ``config``: a :class:`LabConfig` overriding ``size``'s recipe (as for :func:`build`)."""
     import torch
 
+    # a negative cap would slice prompts off the end of a list instead of failing
+    for name, v in (("max_detection", max_detection), ("max_attribution", max_attribution),
+                    ("max_mitigation", max_mitigation)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0):
+            raise ValueError(f"{name} must be an integer >= 0 or None, got {v!r}")
     out = os.fspath(out)
     t_all = time.time()
     lab = build(out, size=size, seed=seed, threads=threads, progress=progress, config=config)
