@@ -577,7 +577,7 @@ def _lids(cfg, n_chunks):
 def run_lid_data(cfg: LidDataConfig) -> dict:
     """Run ``lid-data`` as configured; returns the summary written to ``lid_data.json``.
     Raises :class:`UserError` for bad inputs."""
-    from .scan import _Progress
+    from .scan import _Progress, _progress_mode
     from .sources import open_source
 
     t_start = time.monotonic()
@@ -619,11 +619,7 @@ def run_lid_data(cfg: LidDataConfig) -> dict:
             return old
     write_json_atomic(manifest, os.path.join(cfg.out, MANIFEST))
 
-    mode = cfg.progress
-    if mode == "auto":
-        mode = "bar" if sys.stderr.isatty() else "log"
-    if cfg.quiet:
-        mode = "none"
+    mode = _progress_mode(cfg.progress, cfg.quiet)
     seconds = {}
     say(f"lid-data: {source.describe()}; features {cfg.features}"
         + (f" at {cfg.image_size} x {cfg.image_size}" if pixels and cfg.image_size else "")

@@ -160,6 +160,15 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _progress_mode(progress: str, quiet: bool) -> str:
+    """What --progress means: auto is a bar on a terminal, log lines otherwise; quiet is none."""
+    if quiet:
+        return "none"
+    if progress == "auto":
+        return "bar" if sys.stderr.isatty() else "log"
+    return progress
+
+
 class _Progress:
     """A tqdm bar ("bar"), log lines every ``log_every`` seconds ("log") or nothing."""
 
@@ -587,12 +596,7 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
                                          for name, eff in settings.items() if eff))
         writer = PartWriter(cfg.out, {m.name: m.dtype for m in metrics}, manifest, next_seq=resume.next_seq,
                             part_rows=cfg.part_rows, flush_seconds=cfg.flush_seconds, rank=rank, world_size=world)
-        mode = cfg.progress
-        if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "log"
-        if cfg.quiet or rank != 0:
-            mode = "none"
-        progress = _Progress(total, mode, cfg.log_every, prefix)
+        progress = _Progress(total, _progress_mode(cfg.progress, cfg.quiet or rank != 0), cfg.log_every, prefix)
         computer = _Computer(metrics, ctxs, cfg.batch_size, dtype or torch.float32, log, tick=progress.inside)
 
         stop = {"flag": False}

@@ -115,7 +115,8 @@ def load_weights(path: str, keys: list[str]) -> np.ndarray:
         if not math.isfinite(w) or w < 0:
             raise UserError(f"--weights {path!r}: weight of {k!r} is {w}, expected a finite number >= 0")
         given[str(k)] = w
-    unknown = [k for k in given if k not in set(keys)]
+    known = set(keys)
+    unknown = [k for k in given if k not in known]
     if len(unknown) == len(given):
         raise UserError(f"--weights {path!r}: no key matches an image of --data (weights keys: "
                         f"{', '.join(list(given)[:3])}; data keys: {', '.join(keys[:3])})")
@@ -157,6 +158,7 @@ def run_train(cfg: TrainConfig) -> dict:
 
     from ..models.training import train_denoiser
     from .loader import resolve_device
+    from .scan import _progress_mode
 
     _check(cfg)
     device = resolve_device(cfg.device)
@@ -183,11 +185,7 @@ def run_train(cfg: TrainConfig) -> dict:
     n_params = sum(p.numel() for p in net.parameters())
     say(f"{cfg.arch}: {n_params / 1e6:.2f} M parameters, {cfg.steps} steps of {cfg.batch_size} on {device}")
 
-    mode = cfg.progress
-    if mode == "auto":
-        mode = "bar" if sys.stderr.isatty() else "log"
-    if cfg.quiet:
-        mode = "none"
+    mode = _progress_mode(cfg.progress, cfg.quiet)
     bar, last = None, [time.monotonic()]
     if mode == "bar":
         from tqdm import tqdm
