@@ -246,10 +246,7 @@ def effective_settings(metric: Metric, *, t0: float | None, options: dict) -> di
         eff.setdefault("t0", FALLBACK_T0)
     if t0 is not None and "t0" in eff:
         eff["t0"] = t0
-    for key, value in options.items():
-        prefix, dot, setting = key.rpartition(".")
-        if not dot and key in metric.options:
-            eff[key] = value
+    eff.update({key: value for key, value in options.items() if "." not in key and key in metric.options})
     for key, value in options.items():
         prefix, dot, setting = key.rpartition(".")
         if dot and prefix == metric.name:
