@@ -217,6 +217,11 @@ class _Progress:
 
 
 # --------------------------------------------------------------------------- metric computation
+def _nonfinite_error(exc: NonFiniteOutputError) -> str:
+    """The error-column text of a sample whose network output is not finite."""
+    return f"NonFiniteOutputError: {exc.what} is not finite (NaN or inf) for this sample"
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
@@ -303,8 +308,7 @@ class _Computer:
                 bad = set(nonfinite.positions)
                 for p in sorted(bad):
                     self._note_failure(m, nonfinite)
-                    yield chunk[p], None, (f"NonFiniteOutputError: {nonfinite.what} is not finite (NaN or inf) "
-                                           "for this sample")
+                    yield chunk[p], None, _nonfinite_error(nonfinite)
                 yield from self._run(m, base, [i for p, i in enumerate(chunk) if p not in bad])
             elif failed or nonfinite is not None:  # isolate the failing samples: one at a time
                 for i in chunk:
@@ -327,7 +331,7 @@ class _Computer:
                 raise ScanFailed(f"metric {m.name}: out of memory at batch size 1") from None
             self._note_failure(m, exc)
             if isinstance(exc, NonFiniteOutputError):
-                return i, None, f"NonFiniteOutputError: {exc.what} is not finite (NaN or inf) for this sample"
+                return i, None, _nonfinite_error(exc)
             return i, None, f"{type(exc).__name__}: {exc}"
         out = (i, *self._convert(m, v))
         if out[2] is None:
