@@ -151,3 +151,38 @@ def test_nan_scores_raise_naming_the_prompt():
         norm_alignment_score(pipe, ["a dog"])
     with pytest.raises(FloatingPointError, match="NaN"):
         adapt_prompt_embedding(pipe, "a dog", iters=1)
+
+
+def test_default_chunks_come_from_the_model_not_the_whole_batch(monkeypatch):
+    """The geometry detectors split the user's (prompt, image) rows into the
+    UNet's default chunk size (TextPipeline.batch_size), never one call for the
+    whole batch, and the scores do not depend on the chunking."""
+    from mmh_fast.text._core import TextPipeline
+
+    pipe = tiny_sd()
+    prompts = ["a dog", "a cat", "a red car"]
+    whole = norm_alignment_score(pipe, prompts, num_images=2, batch_size=6)
+    sizes = []
+    forward = pipe.unet.forward
+
+    def counting(sample, *a, **k):
+        sizes.append(sample.shape[0])
+        return forward(sample, *a, **k)
+
+    monkeypatch.setattr(TextPipeline, "batch_size", lambda self, **kw: 2)
+    monkeypatch.setattr(pipe.unet, "forward", counting)
+    chunked = norm_alignment_score(pipe, prompts, num_images=2)
+    assert sizes and max(sizes) <= 2 * 2  # 2 rows x 2 CFG branches per call, not 6 rows
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=0)
+
+
+def test_non_finite_scores_are_the_librarys_error_listing_every_prompt():
+    from test_text_sharpness import _NaNNet, _fresh_sd
+
+    from mmh_fast.models.batching import NonFiniteOutputError
+
+    pipe = _fresh_sd()
+    pipe.unet = _NaNNet(pipe.unet.config)
+    with pytest.raises(NonFiniteOutputError) as e:
+        norm_alignment_score(pipe, ["a dog", "a cat"])
+    assert e.value.positions == [0, 1]

@@ -53,8 +53,11 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
 
 
-class NonFiniteOutputError(ValueError):
+class NonFiniteOutputError(ValueError, FloatingPointError):
     """A network output (or a result computed from it) holds NaN or inf.
+
+    A ValueError (bad values for this input) and a FloatingPointError (the
+    arithmetic produced them), so callers catching either see it.
 
     Attributes:
         what: the output, e.g. "the UNet's noise prediction at t0=0.05".

@@ -10,6 +10,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..lid.flipd import _jvp
+from ..models.batching import NonFiniteOutputError
 from ._core import TextPipeline, as_prompts, check_guidance, check_int, text_pipeline
 
 __all__ = ["Setup", "setup", "check_step", "Rows", "row_chunks", "points_at", "jvp_of", "eps_pair_jvp", "check_scores"]
@@ -63,9 +64,15 @@ class Rows:
         return len(self.r)
 
 
-def row_chunks(n_prompts: int, num_images: int, batch_size) -> Iterator[Rows]:
+def row_chunks(tp: TextPipeline, n_prompts: int, num_images: int, batch_size, *,
+               backward: bool = False) -> Iterator[Rows]:
+    """Consecutive (prompt, image) row chunks of ``batch_size`` rows; by default
+    the UNet's two-branch chunk size from the model and latent size
+    (:meth:`TextPipeline.batch_size`, ``backward`` for forward-mode AD or an
+    optimisation graph), never the whole user batch at once."""
     rows = n_prompts * num_images
-    bs = rows if batch_size is None else check_int(batch_size, "batch_size", 1)
+    bs = (tp.batch_size(passes=2, backward=backward) if batch_size is None
+          else check_int(batch_size, "batch_size", 1))
     for r0 in range(0, rows, bs):
         yield Rows(torch.arange(r0, min(rows, r0 + bs)), num_images)
 
@@ -104,10 +111,12 @@ def eps_pair_jvp(tp: TextPipeline, grid, i: int, x: torch.Tensor, v: torch.Tenso
 
 
 def check_scores(values: torch.Tensor, what: str, prompts: Sequence[str]) -> torch.Tensor:
-    """A FloatingPointError naming the first prompt whose score is NaN or inf."""
+    """The library's :class:`NonFiniteOutputError` (also a FloatingPointError)
+    listing every prompt whose score is NaN or inf, the first one named."""
     bad = ~torch.isfinite(values)
     if bool(bad.any()):
-        k = int(torch.nonzero(bad.reshape(bad.shape[0], -1).any(1))[0])
-        raise FloatingPointError(f"{what} is NaN or inf for prompts[{k}] = {prompts[k]!r}: the pipeline's UNet "
-                                 "returned non-finite values (fp16 overflow, or NaN weights?)")
+        pos = torch.nonzero(bad.reshape(bad.shape[0], -1).any(1)).flatten().tolist()
+        k = pos[0]
+        raise NonFiniteOutputError(f"{what} (first: prompts[{k}] = {prompts[k]!r}; fp16 overflow, or NaN weights?)",
+                                   pos)
     return values

@@ -110,7 +110,7 @@ def norm_alignment_score(pipe, prompts, *, num_images: int = 1, norm_weight: flo
     R = len(prompts) * num_images
     norm, align = torch.empty(R, dtype=torch.float64), torch.empty(R, dtype=torch.float64)
     with torch.no_grad():
-        for rows in row_chunks(len(prompts), num_images, batch_size):
+        for rows in row_chunks(tp, len(prompts), num_images, batch_size):
             x = tp.initial_latents(rows.image.tolist(), seed)
             n_, a_ = _terms(tp, grid, x, cond_all.index_select(0, rows.prompt.to(cond_all.device)), uncond, i_low)
             norm[rows.r], align[rows.r] = n_.cpu(), a_.cpu()

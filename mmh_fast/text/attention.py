@@ -190,7 +190,7 @@ def cross_attention_entropy(pipe, prompts, *, num_images: int = 1, steps=(0, 1),
             record[layer] = probs[half:].to(torch.float64).mean((1, 2)).detach()
 
     with torch.no_grad(), cross_attention_probabilities(tp.net, sink):
-        for rows in row_chunks(len(S.prompts), S.num_images, batch_size):
+        for rows in row_chunks(S.tp, len(S.prompts), S.num_images, batch_size):
             x = tp.initial_latents(rows.image.tolist(), S.seed)
             cond = S.cond.index_select(0, rows.prompt.to(S.cond.device))
             for i in range(s1):
@@ -254,7 +254,7 @@ def generate_attention_rescaled(pipe, prompts, *, bos_scale: float = 1.25, mask_
 
     outs = []
     with cross_attention_probabilities(tp.net, None, logits=logits):
-        for rows in row_chunks(len(S.prompts), S.num_images, batch_size):
+        for rows in row_chunks(S.tp, len(S.prompts), S.num_images, batch_size):
             state["len"] = lengths.index_select(0, rows.prompt)
             x = tp.initial_latents(rows.image.tolist(), S.seed)
             x = tp.sample(x, grid, S.cond.index_select(0, rows.prompt.to(S.cond.device)), S.uncond,

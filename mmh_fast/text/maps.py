@@ -130,7 +130,7 @@ def _maps(pipe, prompts, point_map, name: str, *, num_images, step, num_inferenc
               guidance_scale=guidance_scale)
     step = check_step(step, len(S.grid))
     out = []
-    for rows in row_chunks(len(S.prompts), S.num_images, batch_size):
+    for rows in row_chunks(S.tp, len(S.prompts), S.num_images, batch_size, backward=True):
         cond = S.cond.index_select(0, rows.prompt.to(S.cond.device))
         (_, x), = points_at(S.tp, S.grid, rows, S.seed, cond, S.uncond, S.guidance_scale, [step])
         out.append(point_map(S, rows, step, x, cond).cpu())

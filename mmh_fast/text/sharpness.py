@@ -76,7 +76,7 @@ def hessian_score_difference_norm(pipe, prompts, *, num_images: int = 4, steps=(
     tp, prompts, num_images, grid = S.tp, S.prompts, S.num_images, S.grid
     s0, s1 = _check_steps(steps, len(grid))
     total = torch.zeros(len(prompts) * num_images, dtype=torch.float64)
-    for rows in row_chunks(len(prompts), num_images, batch_size):
+    for rows in row_chunks(tp, len(prompts), num_images, batch_size, backward=True):
         cond = S.cond.index_select(0, rows.prompt.to(S.cond.device))
         x = tp.initial_latents(rows.image.tolist(), S.seed)
         for i in range(s1):
@@ -156,7 +156,7 @@ def hessian_eigenvalues(pipe, prompts, *, k: int = 8, num_images: int = 1, step:
     if k > d:
         raise ValueError(f"k must be <= the latent size {d}, got {k}")
     out = []
-    for rows in row_chunks(len(prompts), num_images, batch_size):
+    for rows in row_chunks(tp, len(prompts), num_images, batch_size, backward=True):
         cond = S.cond.index_select(0, rows.prompt.to(S.cond.device))
         (_, x), = points_at(tp, grid, rows, seed, cond, S.uncond, S.guidance_scale, [step])
         f = _branch_fn(tp, grid, step, branch, cond, S.uncond)
@@ -253,7 +253,7 @@ def optimize_initial_noise(pipe, prompts, *, num_images: int = 4, lr: float = 0.
     R = len(prompts) * num_images
     lat, loss, loss0, its = [], torch.empty(R, dtype=torch.float64), torch.empty(R, dtype=torch.float64), \
         torch.zeros(R, dtype=torch.int64)
-    for rows in row_chunks(len(prompts), num_images, batch_size):
+    for rows in row_chunks(tp, len(prompts), num_images, batch_size, backward=True):
         cond = cond_all.index_select(0, rows.prompt.to(cond_all.device))
         x = tp.initial_latents(rows.image.tolist(), seed).clone().requires_grad_(True)
         opt = torch.optim.Adam([x], lr=lr)
@@ -314,7 +314,7 @@ def generate_sail(pipe, prompts, *, num_images: int = 1, guidance_scale: float =
     emb = tp.embed(prompts + [""])
     cond_all, uncond = emb[:-1], emb[-1:]
     outs = []
-    for rows in row_chunks(len(prompts), num_images, batch_size):
+    for rows in row_chunks(tp, len(prompts), num_images, batch_size):
         x = res.latents[rows.r].to(tp.device, tp.work_dtype)
         x = tp.sample(x, grid, cond_all.index_select(0, rows.prompt.to(cond_all.device)), uncond, lam,
                       positions=rows.prompt)
