@@ -305,6 +305,25 @@ def test_build_rejects_bad_arguments(tmp_path):
         mlab.build(tmp_path, size="quick", seed="0")
 
 
+def test_generate_images_seeds_generation_j_by_seed_plus_j_whatever_the_batching(quick_model, one_thread):
+    """Generation j of every prompt is the pipeline's own call with the generator seeded seed + j,
+    whether the prompts go through in one batch or several."""
+    cfg, pipe = quick_model["lab"].config, quick_model["pipe"]
+    # held-out prompts: not memorized, so the image depends on the noise (a copy would not tell seeds apart)
+    prompts = [quick_model["prompts"][i]["prompt"] for i in np.flatnonzero(quick_model["kinds"] == "heldout")[:3]]
+    kw = dict(guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps)
+    got = mlab.generate_images(pipe, prompts, n=2, seed=5, batch_prompts=2, **kw)
+    assert np.abs(got[:, 0] - got[:, 1]).max(axis=(1, 2, 3)).min() > 0.1  # the two seeds give other images
+    # float32 sums in another batch order move pixels by ~1e-6; a wrong seed moves them by O(1)
+    np.testing.assert_allclose(got, mlab.generate_images(pipe, prompts, n=2, seed=5, **kw), atol=1e-4)
+    for i in (0, 2):
+        for j in range(2):
+            one = pipe(prompts[i], generator=torch.Generator().manual_seed(5 + j), output_type="np", **kw).images[0]
+            np.testing.assert_allclose(got[i, j], one.transpose(2, 0, 1) * 2 - 1, atol=1e-4)
+    with pytest.raises(ValueError, match="exactly one of prompts and prompt_embeds"):
+        mlab.generate_images(pipe, None, n=1, seed=0, **kw)
+
+
 @pytest.mark.parametrize("bad", [{"max_detection": -1}, {"max_attribution": -1}, {"max_mitigation": 1.5}])
 def test_run_lab_rejects_bad_caps(tmp_path, bad):
     from mmh_fast.lab import run_lab
