@@ -252,6 +252,7 @@ def _run(cfg: DemoConfig, out: str, quick: bool, quiet: bool, report: bool) -> D
             f.write(f"digit {int(t)}\n")
     dup_keys = [names[i] for i in dup] + copy_names
     over_keys = [names[i] for i in over]
+    dup_set, over_set = set(dup_keys), set(over_keys)
     weights = os.path.join(out, "weights.csv")
     with open(weights, "w") as f:
         f.write("key,weight\n" + "".join(f"{k},{cfg.copies}\n" for k in over_keys)
@@ -261,7 +262,7 @@ def _run(cfg: DemoConfig, out: str, quick: bool, quiet: bool, report: bool) -> D
     with open(labels_csv, "w") as f:
         f.write("key,label\n")
         for k in all_keys:
-            f.write(f"{k},{'duplicated' if k in set(dup_keys) else 'oversampled' if k in set(over_keys) else 'not'}\n")
+            f.write(f"{k},{'duplicated' if k in dup_set else 'oversampled' if k in over_set else 'not'}\n")
     log.step("data", f"data: {n} digits as PNG files in {folder}; {cfg.n_duplicated} of them x {cfg.dup_files} "
              f"files (DD-Mem), {cfg.n_oversampled} others once (OD-Mem); both drawn {cfg.copies}x as often in "
              "training (weights.csv)")
@@ -311,7 +312,6 @@ def _run(cfg: DemoConfig, out: str, quick: bool, quiet: bool, report: bool) -> D
     lid_t = pq.read_table(os.path.join(lid, "lid_data.parquet")).to_pydict()
     keys = res_t["key"]
     lid_of = dict(zip(lid_t["key"], lid_t["lid_data"]))
-    dup_set, over_set = set(dup_keys), set(over_keys)
     is_dup = np.array([k in dup_set for k in keys])
     not_over = np.array([k not in over_set for k in keys])  # duplicated vs. not: the oversampled set aside
     signals = {"flipd": np.asarray(res_t["flipd"], dtype=np.float64),
