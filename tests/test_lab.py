@@ -378,6 +378,31 @@ def test_build_end_to_end_with_a_tiny_recipe(tmp_path, one_thread):
     assert mlab.build(tmp_path / "lab", size="quick", config=cfg, progress=False).record == lab.record
 
 
+def test_checkpoint_round_trip_keeps_the_weights_to_float16(tmp_path, one_thread):
+    """save_checkpoint then load_checkpoint: the same tables and recipe, and every weight equal to the
+    original rounded to float16 (stored as float16, loaded back as float32)."""
+    from dataclasses import replace
+
+    cfg = replace(mlab.LabConfig.for_size("quick"), n_dd=2, dd_copies=2, n_od=1, od_boost=2.0, n_generic=6,
+                  vae_channels=(8, 8, 8), vae_steps=1, unet_channels=(16, 32), steps=1, batch_size=4,
+                  decoder_steps=1)
+    lab = mlab.build(tmp_path / "lab", size="quick", config=cfg, progress=False)
+    mlab.save_checkpoint(lab, tmp_path / "ckpt", command="built in a test")
+    assert "built in a test" in (tmp_path / "ckpt" / "CHECKPOINT.txt").read_text()
+    back = mlab.load_checkpoint(tmp_path / "ckpt", tmp_path / "back")
+    assert back.config == cfg and back.seed == lab.seed and back.record == lab.record
+    assert back.prompts() == lab.prompts() and back.train() == lab.train()
+    a, b = lab.load_pipeline(), back.load_pipeline()
+    for part in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert sb[k].dtype == sa[k].dtype
+            torch.testing.assert_close(sb[k], sa[k].to(torch.float16).to(sa[k].dtype), rtol=0, atol=0)
+    assert b.tokenizer("a bold two").input_ids == a.tokenizer("a bold two").input_ids
+    assert b.vae.config.scaling_factor == a.vae.config.scaling_factor
+
+
 def test_run_lab_writes_its_tables_and_report(tmp_path, one_thread):
     """The glue of `mmh-fast lab` on an untrained tiny lab: tables, lab.json and a self-contained report."""
     from dataclasses import replace
