@@ -483,3 +483,21 @@ def test_per_image_metrics_report_progress_inside_a_batch(tmp_path, capsys):
     assert "per_image_px: 1/4 images of the current batch" in err and "3/4 images of the current batch" in err
     assert [r["per_image_px"] for r in _rows(tmp_path / "out")] == pytest.approx(
         [a.mean() for a in make_folder(tmp_path / "again", n=4).values()])
+
+
+def test_effective_settings_precedence():
+    """NAME.SETTING over --t0 / SETTING over the metric's defaults; t0 falls back to
+    FALLBACK_T0 only for a model metric that has a t0; other metrics' keys are ignored
+    (expected dicts written by hand from the documented precedence)."""
+    from mmh_fast.cli.metrics import FALLBACK_T0, Metric, effective_settings
+
+    m = Metric("m", None, needs_model=True, options=("a", "b"), defaults={"a": 1})
+    assert effective_settings(m, t0=None, options={}) == {"a": 1, "t0": FALLBACK_T0}
+    assert effective_settings(m, t0=0.3, options={"a": 2, "c": 9, "other.b": 7}) == {"a": 2, "t0": 0.3}
+    assert effective_settings(m, t0=0.3, options={"m.t0": 0.2, "a": 2, "m.a": 5, "b": 4}) == \
+        {"a": 5, "b": 4, "t0": 0.2}
+    # no model, or a caption-level detector (uses_t0=False): no t0, and --t0 does not add one
+    free = Metric("f", None, options=("a",))
+    assert effective_settings(free, t0=0.3, options={"a": 1}) == {"a": 1}
+    no_t0 = Metric("g", None, needs_model=True, uses_t0=False)
+    assert effective_settings(no_t0, t0=0.3, options={}) == {}

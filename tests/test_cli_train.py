@@ -82,3 +82,18 @@ def test_train_bad_weights(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "m"), "--weights",
                  str(tmp_path / "w2.csv"), "--steps", "1", "--quiet"]) == 2
     assert "expected a finite number >= 0" in capsys.readouterr().err
+
+
+def test_load_weights_maps_keys_and_defaults_to_one(tmp_path):
+    """Listed keys get their weight, unlisted ones 1, in the order of ``keys``; the first
+    two columns serve when 'key'/'weight' are not named; a NaN weight is refused by name."""
+    from mmh_fast.cli.errors import UserError
+    from mmh_fast.cli.train import load_weights
+
+    (tmp_path / "w.csv").write_text("key,weight\nb.png,3\nc.png,0\nzz.png,7\n")
+    np.testing.assert_array_equal(load_weights(str(tmp_path / "w.csv"), ["a.png", "b.png", "c.png"]), [1.0, 3.0, 0.0])
+    (tmp_path / "w2.csv").write_text("name,w\na.png,2.5\n")
+    np.testing.assert_array_equal(load_weights(str(tmp_path / "w2.csv"), ["b.png", "a.png"]), [1.0, 2.5])
+    (tmp_path / "w3.csv").write_text("key,weight\na.png,nan\n")
+    with pytest.raises(UserError, match=r"--weights .*expected a (finite )?number >= 0"):
+        load_weights(str(tmp_path / "w3.csv"), ["a.png"])
