@@ -307,9 +307,13 @@ def _run(cfg: DemoConfig, out: str, quick: bool, quiet: bool, report: bool) -> D
     log.step("report", "report written" if report else "no report")
 
     # ---- the summary: read back from the commands' outputs
-    res_t = pq.read_table(os.path.join(scan, "results.parquet")).to_pydict()
-    cls_t = pq.read_table(os.path.join(scan, "classes.parquet")).to_pydict()
-    lid_t = pq.read_table(os.path.join(lid, "lid_data.parquet")).to_pydict()
+    from .classify import CLASSES
+    from .lid_data import RESULT as LID_DATA
+    from .writer import RESULTS
+
+    res_t = pq.read_table(os.path.join(scan, RESULTS)).to_pydict()
+    cls_t = pq.read_table(os.path.join(scan, CLASSES)).to_pydict()
+    lid_t = pq.read_table(os.path.join(lid, LID_DATA)).to_pydict()
     keys = res_t["key"]
     lid_of = dict(zip(lid_t["key"], lid_t["lid_data"]))
     is_dup = np.array([k in dup_set for k in keys])

@@ -622,7 +622,9 @@ def _classes_section(classes, rpath, keys, groups, out, figures, notes):
     """The MMH scatter and the class counts from classes.parquet (None without one)."""
     path = classes
     if path is None:
-        beside = os.path.join(os.path.dirname(os.path.abspath(rpath)), "classes.parquet")
+        from .classify import CLASSES
+
+        beside = os.path.join(os.path.dirname(os.path.abspath(rpath)), CLASSES)
         if not os.path.isfile(beside):
             return None
         path = beside
