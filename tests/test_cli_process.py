@@ -127,7 +127,13 @@ def test_exit_codes_and_readable_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["scan", "--data", "x"])
     assert "usage: mmh-fast scan" in capsys.readouterr().err
-    for cmd in ("scan", "merge", "lid-data", "classify", "report", "metrics", "demo"):
+    for opt in ("--threads", "--max-detection", "--max-mitigation"):  # the lab's counts, checked by the parser
+        with pytest.raises(SystemExit) as e:
+            main(["lab", "--out", str(tmp_path / "lab"), opt, "0"])
+        assert e.value.code == 2
+        assert capsys.readouterr().err == f"mmh-fast lab: error: argument {opt}: expected an integer >= 1, got 0\n"
+    assert not os.path.exists(tmp_path / "lab")
+    for cmd in ("scan", "merge", "lid-data", "classify", "report", "metrics", "demo", "train", "lab"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0 and "usage: mmh-fast " + cmd in capsys.readouterr().out

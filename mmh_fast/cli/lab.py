@@ -6,6 +6,8 @@ import argparse
 
 
 def add_lab_parser(sub) -> None:
+    from . import _positive_int  # the parser's own check, as every other command's counts
+
     p = sub.add_parser(
         "lab", help="build the memorization lab and measure every detector on it",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -17,26 +19,20 @@ def add_lab_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="the lab directory (reused when it exists)")
     p.add_argument("--quick", action="store_true", help="the small lab the tests use")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the stream (default: 0)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch threads for training (default: 1; more threads than free cores is slower)")
     for name, what in (("detection", "detection (every planted prompt kept, the others evenly spaced)"),
                        ("attribution", "attribution (memorized trigger prompts)"),
                        ("mitigation", "mitigation (verified-memorized prompts)")):
-        p.add_argument(f"--max-{name}", type=int, metavar="N", help=f"at most N prompts in the {what}; default: all")
+        p.add_argument(f"--max-{name}", type=_positive_int, metavar="N",
+                       help=f"at most N prompts in the {what}; default: all")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_lab)
 
 
 def _cmd_lab(args) -> int:
     from ..lab.run import run_lab
-    from .errors import UserError
 
-    if args.threads < 1:
-        raise UserError(f"--threads must be >= 1, got {args.threads}")
-    for name in ("detection", "attribution", "mitigation"):
-        v = getattr(args, f"max_{name}")
-        if v is not None and v < 1:
-            raise UserError(f"--max-{name} must be >= 1, got {v}")
     run_lab(args.out, size="quick" if args.quick else "full", seed=args.seed, threads=args.threads,
             progress=not args.quiet, max_detection=args.max_detection, max_attribution=args.max_attribution,
             max_mitigation=args.max_mitigation)
