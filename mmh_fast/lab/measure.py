@@ -20,13 +20,19 @@ def roc_stats(scores, labels) -> dict:
 
     TPR@1%FPR is the largest TPR among ROC points with FPR <= 0.01 (with fewer than
     100 negatives this is the TPR at FPR = 0: no negative may score above the
-    threshold). NaN when a class is empty."""
+    threshold). ValueError when ``labels`` hold only one class (both statistics are
+    undefined then) or differ in length from ``scores``."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    s = np.asarray(scores, np.float64)
-    y = np.asarray(labels, bool)
-    if y.all() or not y.any():
-        return {"auc": float("nan"), "tpr_at_1fpr": float("nan"), "fpr": [], "tpr": []}
+    s = np.asarray(scores, np.float64).reshape(-1)
+    y = np.asarray(labels, bool).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"labels must give one bool per score: {y.size} labels for {s.size} scores")
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == y.size:
+        missing = "positive (True)" if n_pos == 0 else "negative (False)"
+        raise ValueError(f"labels hold no {missing} sample ({n_pos} positives, {y.size - n_pos} negatives): "
+                         "ROC AUC and TPR@1%FPR need both classes")
     if not np.isfinite(s).all():
         raise ValueError("detector scores contain NaN or inf")
     fpr, tpr, _ = roc_curve(y, s)
