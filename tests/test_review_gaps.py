@@ -17,3 +17,29 @@ def test_roc_stats_refuses_an_empty_class(labels, empty):
 def test_roc_stats_refuses_mismatched_lengths():
     with pytest.raises(ValueError, match="labels"):
         roc_stats(np.arange(5.0), [True, False])
+
+
+@pytest.mark.parametrize("kw, name", [({"probe_begin": 1.5}, "probe_begin"), ({"probe_begin": 2.0}, "probe_begin"),
+                                      ({"seed": 0.5}, "seed"), ({"n_probes": 1.5}, "n_probes"),
+                                      ({"probe_begin": True}, "probe_begin")])
+def test_hutchinson_probes_refuses_non_integer_counters(kw, name):
+    from mmh_fast.ops import hutchinson_probes
+
+    # probe_begin=1.5 used to run as int(1.5) = 1: another probe stream, silently
+    with pytest.raises(TypeError, match=name):
+        hutchinson_probes((2, 3), **kw)
+
+
+def test_hutchinson_trace_refuses_non_integer_probe_begin():
+    from mmh_fast.ops import hutchinson_trace
+
+    with pytest.raises(TypeError, match="probe_begin"):
+        hutchinson_trace(lambda v: v, torch.zeros(2, 3), 2, probe_begin=1.5)
+
+
+def test_hutchinson_probes_accepts_integer_types():
+    from mmh_fast.ops import hutchinson_probes
+
+    # numpy and 0-d torch integers are integers: same stream as the Python int
+    ref = hutchinson_probes((2, 3), 2, probe_begin=3, seed=7)
+    assert torch.equal(hutchinson_probes((2, 3), np.int64(2), probe_begin=np.int64(3), seed=torch.tensor(7)), ref)

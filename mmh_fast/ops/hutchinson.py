@@ -8,6 +8,7 @@ matvec through a VJP serves as well as one through a JVP.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Callable
 
 import torch
@@ -30,6 +31,18 @@ def _probe_kind(probe: str) -> int:
     if probe not in PROBE_KINDS:
         raise ValueError(f"probe must be one of {sorted(PROBE_KINDS)}, got {probe!r}")
     return PROBE_KINDS[probe]
+
+
+def _integer(value, name: str) -> int:
+    """``value`` as an int; a float (even 2.0), bool or other non-integer is refused,
+    not truncated: int(1.5) would silently select another probe stream."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer (a probe counter or key), got {value!r} of type "
+                        f"{type(value).__name__}") from None
 
 
 def _check_counter_range(probe_begin: int, n_probes: int, numel: int) -> None:
@@ -74,18 +87,20 @@ def hutchinson_probes(shape, n_probes: int = 1, *, probe: str = "rademacher", se
     Returns:
         Tensor [n_probes, B, *sample_shape] of ``dtype`` on ``device``.
     """
-    shape = tuple(int(s) for s in shape)
+    shape = tuple(_integer(s, "shape entries") for s in shape)
     if len(shape) < 1:
         raise ValueError("shape must include the batch dimension")
+    n_probes, probe_begin, seed = _integer(n_probes, "n_probes"), _integer(probe_begin, "probe_begin"), \
+        _integer(seed, "seed")
     if n_probes < 1:
         raise ValueError(f"n_probes must be >= 1, got {n_probes}")
     B = shape[0]
     numel = math.prod(shape[1:]) if len(shape) > 1 else 1
-    _check_counter_range(int(probe_begin), int(n_probes), numel)
+    _check_counter_range(probe_begin, n_probes, numel)
     device = torch.device(device)
     ids = _sample_ids(sample_ids, B, device)
     fn = kernel("hutchinson_probes", device)
-    out = fn(ids, numel, int(probe_begin), int(n_probes), int(seed), _probe_kind(probe), dtype)
+    out = fn(ids, numel, probe_begin, n_probes, seed, _probe_kind(probe), dtype)
     return out.reshape((n_probes,) + shape)
 
 
@@ -122,13 +137,14 @@ def hutchinson_trace(matvec: Callable[[torch.Tensor], torch.Tensor], x, n_probes
         raise ValueError("x contains NaN or inf values")
     B = xt.shape[0]
     numel = xt[0].numel()
-    _check_counter_range(int(probe_begin), n_probes, numel)
+    probe_begin, seed = _integer(probe_begin, "probe_begin"), _integer(seed, "seed")
+    _check_counter_range(probe_begin, n_probes, numel)
     ids = _sample_ids(sample_ids, B, xt.device)
     gen = kernel("hutchinson_probes", xt.device)
     reduce = kernel("hutchinson_reduce", xt.device)
     dots = []
     for p in range(n_probes):
-        v = gen(ids, numel, int(probe_begin) + p, 1, int(seed), kind, xt.dtype).reshape(xt.shape)
+        v = gen(ids, numel, probe_begin + p, 1, seed, kind, xt.dtype).reshape(xt.shape)
         av = matvec(v)
         if not isinstance(av, torch.Tensor) or av.shape != xt.shape:
             got = tuple(av.shape) if isinstance(av, torch.Tensor) else type(av).__name__
@@ -136,7 +152,7 @@ def hutchinson_trace(matvec: Callable[[torch.Tensor], torch.Tensor], x, n_probes
         if av.device != xt.device or av.dtype != xt.dtype:
             raise ValueError(f"matvec must return a tensor on x's device and dtype ({xt.device}, {xt.dtype}), "
                              f"got ({av.device}, {av.dtype})")
-        _, _, d = reduce(av.detach().reshape(1, B, numel), ids, int(probe_begin) + p, int(seed), kind)
+        _, _, d = reduce(av.detach().reshape(1, B, numel), ids, probe_begin + p, seed, kind)
         dots.append(d)
     dots = torch.cat(dots, 0)  # [P, B] float64
     bad = ~torch.isfinite(dots).all(0)
