@@ -43,3 +43,34 @@ def test_hutchinson_probes_accepts_integer_types():
     # numpy and 0-d torch integers are integers: same stream as the Python int
     ref = hutchinson_probes((2, 3), 2, probe_begin=3, seed=7)
     assert torch.equal(hutchinson_probes((2, 3), np.int64(2), probe_begin=np.int64(3), seed=torch.tensor(7)), ref)
+
+
+def _classify_inputs(tmp_path, theta, star):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys = [f"k{i}.png" for i in range(len(theta))]
+    pq.write_table(pa.table({"key": keys, "flipd": pa.array(theta, pa.float64())}), tmp_path / "results.parquet")
+    pq.write_table(pa.table({"key": keys, "lid_data": pa.array(star, pa.float64())}), tmp_path / "lid.parquet")
+    return str(tmp_path / "results.parquet"), str(tmp_path / "lid.parquet")
+
+
+def test_classify_median_ratio_with_zero_median_lid_data_says_what_to_pass(tmp_path, capsys):
+    from mmh_fast.cli import main
+
+    # 6 of 10 images duplicated: their LID_* is 0, so the median LID_* is 0 and the ratio undefined
+    scan, lid = _classify_inputs(tmp_path, [5.0] * 10, [0.0] * 6 + [4.0] * 4)
+    rc = main(["classify", scan, "--lid-data", lid, "--scale", "median_ratio"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--scale median_ratio" in err and "median LID_* (lid-data) is 0" in err
+    assert "--scale FACTOR" in err and "6 of 10" in err
+
+
+def test_classify_median_ratio_with_zero_median_lid_theta(tmp_path, capsys):
+    from mmh_fast.cli import main
+
+    scan, lid = _classify_inputs(tmp_path, [0.0] * 6 + [3.0] * 4, [4.0] * 10)
+    rc = main(["classify", scan, "--lid-data", lid, "--scale", "median_ratio"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--scale median_ratio" in err and "median flipd" in err and "--scale FACTOR" in err

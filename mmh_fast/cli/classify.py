@@ -78,6 +78,21 @@ def _parse_margin(text):
     return v
 
 
+def _check_medians(t, s, model_metric) -> None:
+    """UserError when --scale median_ratio has no ratio: a median of 0 (more than half
+    the samples at LID 0, e.g. exact duplicates for LID_*) cannot be rescaled."""
+    for name, v, why in ((f"{model_metric} (LID_theta)", t, "the model collapses most samples"),
+                         ("LID_* (lid-data)", s, "most samples have exact duplicates or --k is too small")):
+        med = float(np.median(v))
+        if med <= 0:
+            n0 = int((v <= 0).sum())
+            raise UserError(
+                f"--scale median_ratio: the median {name} is {med:.4g} ({n0} of {v.size} samples at 0: {why}), "
+                "so the ratio of medians is undefined. Pass --scale FACTOR instead (a positive number multiplying "
+                "LID_theta onto the LID_* scale, e.g. the ratio of the medians of the samples you trust), or "
+                "--scale none when both are already on one scale")
+
+
 def run_classify(scan: str, lid_data: str, *, model_metric: str | None = None, margin=None, low=None,
                  scale="none", out: str | None = None, quiet: bool = False) -> dict:
     """Join, classify and write ``classes.parquet`` (see the module docstring).
@@ -131,6 +146,8 @@ def run_classify(scan: str, lid_data: str, *, model_metric: str | None = None, m
                 f"scale (a factor {ratio:.4g}); comparing them gives meaningless classes. Pass --scale median_ratio "
                 "(LID_theta x median LID_* / median LID_theta) or --scale FACTOR; check the model first (an "
                 "untrained network's FLIPD is about the number of pixels)")
+    if scale == "median_ratio":
+        _check_medians(t, s, model_metric)
     try:
         res = classify_memorization(t, s, margin=margin, low=low, scale=scale)
     except ValueError as exc:
