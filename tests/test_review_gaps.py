@@ -74,3 +74,68 @@ def test_classify_median_ratio_with_zero_median_lid_theta(tmp_path, capsys):
     rc = main(["classify", scan, "--lid-data", lid, "--scale", "median_ratio"])
     err = capsys.readouterr().err
     assert rc == 2 and "--scale median_ratio" in err and "median flipd" in err and "--scale FACTOR" in err
+
+
+def test_nb_metric_records_the_determined_mask_of_normal_bundle():
+    # a mixture with point masses: the "gap" rule's answers there are undetermined, the rest
+    # determined (tests/test_normal_bundle.py), so the mask holds both values
+    from diffusers import DDPMScheduler
+
+    import mmh_fast
+    from mmh_fast.cli.metrics import MetricBatch, MetricContext, NB_DETERMINED, get_metric, split_values
+    from mmh_fast.testing import GaussianMixtureEps
+
+    m = GaussianMixtureEps.random([0, 1, 4, 9], (3, 2, 2), separation=20.0, seed=4,
+                                  scheduler=DDPMScheduler(num_train_timesteps=1000))
+    x, _ = m.sample_x0(8, generator=torch.Generator().manual_seed(2))
+    ids = torch.arange(8, dtype=torch.int64) + 100
+    ref = mmh_fast.normal_bundle(m, x, 0.1, rule="gap", seed=3, sample_ids=ids, return_details=True,
+                                 undetermined="ignore")
+    assert ref.determined.any() and not ref.determined.all()
+
+    class Loaded:
+        pipeline, conditional = m, False
+
+    nb = get_metric("nb")
+    batch = MetricBatch(torch.zeros(8, 3, 2, 2, dtype=torch.uint8), [f"k{i}" for i in range(8)], [None] * 8, ids,
+                        _images=x)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "undetermined" warning from the metric itself
+        warnings.filterwarnings("ignore", message="no scheduler given")
+        vals, cols = split_values(nb.fn(batch, MetricContext(model=Loaded(), t0=0.1, seed=3,
+                                                              options={"rule": "gap"})), 8, nb)
+    assert vals.tolist() == ref.lid.double().tolist()
+    assert cols[NB_DETERMINED].tolist() == ref.determined.tolist()
+    assert nb.columns[NB_DETERMINED][0] == "bool"
+
+
+def test_scan_nb_writes_nb_determined_and_one_summary_line(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from cli_data import make_folder
+    from mmh_fast import normal_bundle
+    from mmh_fast.cli import main
+    from mmh_fast.cli.loader import load_model
+    from mmh_fast.cli.sources import sample_id
+
+    # toy-ddpm has random weights and n_samples 48 < d = 3072 caps the rank: every point undetermined
+    good = make_folder(tmp_path / "imgs", n=3)
+    rc = main(["scan", "--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"), "--metrics", "nb",
+               "--model", "toy-ddpm", "--option", "n_samples=48", "--seed", "2", "--workers", "0",
+               "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    t = pq.read_table(tmp_path / "out" / "results.parquet")
+    assert str(t.schema.field("nb_determined").type) == "bool"
+    rows = t.to_pylist()
+    pipe = load_model("toy-ddpm", device=torch.device("cpu"), dtype=torch.float32).pipeline
+    x = torch.from_numpy(np.stack([good[r["key"]] for r in rows])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    ref = normal_bundle(pipe, x, 0.1, n_samples=48, seed=2, return_details=True, undetermined="ignore",
+                        sample_ids=torch.tensor([sample_id(r["key"]) for r in rows]))
+    assert [r["nb"] for r in rows] == ref.lid.tolist()
+    assert [r["nb_determined"] for r in rows] == ref.determined.tolist() == [False] * 3
+    # one summary line instead of a warning per image
+    assert "point(s) undetermined" not in err
+    lines = [ln for ln in err.splitlines() if "nb_determined is False" in ln]
+    assert len(lines) == 1 and "for 3 of the 3 images" in lines[0], err

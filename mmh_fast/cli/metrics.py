@@ -33,7 +33,8 @@ import torch
 from .errors import UserError
 
 __all__ = ["Metric", "MetricBatch", "MetricContext", "register_metric", "get_metric", "available_metrics",
-           "resolve_metrics", "load_plugins", "as_values", "effective_settings", "check_options", "FALLBACK_T0"]
+           "resolve_metrics", "load_plugins", "as_values", "effective_settings", "check_options", "FALLBACK_T0",
+           "MetricValues", "split_values"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,37 @@ class Metric:
     defaults: dict = field(default_factory=dict)
     per_image: bool = False
     uses_t0: bool = True
+    columns: dict = field(default_factory=dict)
+
+
+@dataclass
+class MetricValues:
+    """A metric's output with per-image side columns (``Metric.columns``): ``values``
+    as :func:`as_values` takes them, ``columns`` name -> ``len(batch)`` values."""
+
+    values: Any
+    columns: dict
+
+
+def split_values(out, n: int, metric: "Metric") -> tuple[np.ndarray, dict]:
+    """(values float64 [n], {column: numpy [n]}) of a metric's output; a metric that
+    declares ``columns`` must return a :class:`MetricValues` holding exactly those."""
+    if not metric.columns:
+        return as_values(out, n, metric.name), {}
+    if not isinstance(out, MetricValues) or set(out.columns) != set(metric.columns):
+        got = sorted(out.columns) if isinstance(out, MetricValues) else type(out).__name__
+        raise ValueError(f"metric {metric.name!r} declares the columns {sorted(metric.columns)} and must return "
+                         f"MetricValues(values, {{column: values}}) with them; got {got}")
+    cols = {}
+    for name, v in out.columns.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach().cpu().numpy()
+        v = np.asarray(v).reshape(-1)
+        if v.shape[0] != n:
+            raise ValueError(f"metric {metric.name!r} returned {v.shape[0]} values of column {name!r} for a batch "
+                             f"of {n}")
+        cols[name] = v
+    return as_values(out.values, n, metric.name), cols
 
 
 @dataclass
@@ -127,7 +159,7 @@ def register_metric(name: str, fn: Callable | None = None, *, needs_model: bool 
                     needs_captions: bool = False, needs_conditional_model: bool = False,
                     lower_is_memorized: bool = True, dtype: str = "float64", description: str = "",
                     options: Sequence[str] = (), overwrite: bool = False, defaults: dict | None = None,
-                    per_image: bool = False, uses_t0: bool = True):
+                    per_image: bool = False, uses_t0: bool = True, columns: dict | None = None):
     """Register ``fn`` as metric ``name`` (usable as a decorator when ``fn`` is omitted).
 
     Args:
@@ -147,11 +179,20 @@ def register_metric(name: str, fn: Callable | None = None, *, needs_model: bool 
         uses_t0: False for a model metric that has no diffusion time of its own
             (the caption-level detectors, which start from pure noise): no ``t0``
             setting is recorded for it and ``--option NAME.t0`` is refused.
+        columns: per-image side columns written beside the metric's, name ->
+            (dtype "bool" | "int64" | "float64", what the column says); ``fn`` then
+            returns a :class:`MetricValues`. A "bool" column's False count is
+            summarised in one line at the end of the scan (e.g. ``nb_determined``).
     """
     if not isinstance(name, str) or not name.replace("_", "").isalnum() or name[0].isdigit():
         raise ValueError(f"metric name must be an identifier (letters, digits, _), got {name!r}")
     if dtype not in ("float64", "int64"):
         raise ValueError(f"dtype must be 'float64' or 'int64', got {dtype!r}")
+    columns = dict(columns or {})
+    for col, spec in columns.items():
+        if not (isinstance(spec, tuple) and len(spec) == 2 and spec[0] in ("bool", "int64", "float64")):
+            raise ValueError(f"columns[{col!r}] must be (dtype, description) with dtype bool, int64 or float64, "
+                             f"got {spec!r}")
 
     def deco(f):
         if not callable(f):
@@ -161,7 +202,7 @@ def register_metric(name: str, fn: Callable | None = None, *, needs_model: bool 
         _REGISTRY[name] = Metric(name, f, needs_model, needs_captions or needs_conditional_model,
                                  needs_conditional_model, lower_is_memorized, dtype,
                                  description or (f.__doc__ or "").strip().split("\n")[0], tuple(options),
-                                 dict(defaults or {}), bool(per_image), bool(uses_t0))
+                                 dict(defaults or {}), bool(per_image), bool(uses_t0), columns)
         return f
 
     return deco if fn is None else deco(fn)
@@ -342,8 +383,15 @@ def _png(batch, ctx):
 _NB_OPTIONS = ("n_samples", "rule", "threshold", "min_ratio", "guidance_scale")
 
 
+#: the nb metric's side column: normal_bundle's determined mask, per image
+NB_DETERMINED = "nb_determined"
+
+
 @register_metric("nb", needs_model=True, dtype="int64", options=_NB_OPTIONS, per_image=True,
                  defaults={"t0": 0.1, **_library_defaults(_lib_nb, _NB_OPTIONS[:-1])},
+                 columns={NB_DETERMINED: ("bool", "the score spectrum has no significant gap (or the rank sits at "
+                                                  "the n_samples cap): the nb value there is a guess, not a "
+                                                  "measurement")},
                  description="normal-bundle LID_theta(x) = d - rank of the score matrix at t0 (Eq. 7-8; default t0 "
                              "0.1, the paper's); costs 4d network calls per image (d = pixel or latent entries: "
                              "~44 s per 32x32 RGB image on a 2-core CPU) unless nb.n_samples is set")
@@ -351,8 +399,11 @@ def _nb(batch, ctx):
     from .. import normal_bundle
 
     cond = "" if ctx.model.conditional else None
-    return normal_bundle(ctx.model.pipeline, batch.images, ctx.t0, cond=cond, seed=ctx.seed,
-                         sample_ids=batch.sample_ids, **_pick(ctx.options, _NB_OPTIONS[:-1]))
+    # the determined mask goes to its own column, counted once at the end of the scan,
+    # instead of one "undetermined" warning per image
+    d = normal_bundle(ctx.model.pipeline, batch.images, ctx.t0, cond=cond, seed=ctx.seed, sample_ids=batch.sample_ids,
+                      undetermined="ignore", return_details=True, **_pick(ctx.options, _NB_OPTIONS[:-1]))
+    return MetricValues(d.lid, {NB_DETERMINED: d.determined})
 
 
 @register_metric("cfg_norm_train", needs_model=True, needs_captions=True, needs_conditional_model=True,

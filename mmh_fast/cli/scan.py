@@ -31,8 +31,8 @@ import torch
 from .. import __version__
 from .errors import UserError
 from ..models.batching import NonFiniteOutputError
-from .metrics import (FALLBACK_T0, MetricBatch, MetricContext, as_values, available_metrics, check_options,
-                      effective_settings, load_plugins, resolve_metrics)
+from .metrics import (FALLBACK_T0, MetricBatch, MetricContext, available_metrics, check_options, effective_settings,
+                      load_plugins, resolve_metrics, split_values)
 from .sources import decode_image, open_source, sample_id
 from .writer import (MANIFEST, PartWriter, describe_errors, merge, part_files, read_manifest, read_resume_state,
                      settings_diff, table_metadata, write_json_atomic)
@@ -94,6 +94,7 @@ class ScanStats:
     interrupted: bool = False
     batch_size: int = 0
     merged: dict | None = None
+    column_false: dict = field(default_factory=dict)  # bool side column -> [rows False, rows] (e.g. nb_determined)
 
 
 # --------------------------------------------------------------------------- data loading
@@ -243,10 +244,11 @@ class _Computer:
         self.ever_ok = {m.name: False for m in metrics}
         self.failed = {m.name: 0 for m in metrics}
         self.first_error = {}
+        self.column_false = {c: [0, 0] for m in metrics for c, (dt, _) in m.columns.items() if dt == "bool"}
 
     def __call__(self, lb):
         n = len(lb["keys"])
-        values = {m.name: [None] * n for m in self.metrics}
+        values = {name: [None] * n for m in self.metrics for name in (m.name, *m.columns)}
         errors = list(lb["errors"])
         ok = lb["ok"]
         if not ok:
@@ -273,15 +275,20 @@ class _Computer:
                         if base.captions[i] is None:
                             _add_error(errors, rows[i], f"{m.name}: no caption")
                     idx = [i for i in idx if base.captions[i] is not None]
-                for i, v, err in self._run(m, base, idx):
+                for i, v, err, side in self._run(m, base, idx):
                     if err is None:
                         values[m.name][rows[i]] = v
+                        for c, cv in side.items():
+                            values[c][rows[i]] = cv
+                            if c in self.column_false:
+                                self.column_false[c][0] += not cv
+                                self.column_false[c][1] += 1
                     else:
                         _add_error(errors, rows[i], f"{m.name}: {err}")
         return values, errors
 
     def _run(self, m, base, idx):
-        """(index, value, error) for the samples ``idx`` of ``base``."""
+        """(index, value, error, {side column: value}) for the samples ``idx`` of ``base``."""
         start = 0
         while start < len(idx):
             # a per-image metric (minutes per batch) runs image by image, with progress after each
@@ -308,35 +315,38 @@ class _Computer:
                 bad = set(nonfinite.positions)
                 for p in sorted(bad):
                     self._note_failure(m, nonfinite)
-                    yield chunk[p], None, _nonfinite_error(nonfinite)
+                    yield chunk[p], None, _nonfinite_error(nonfinite), {}
                 yield from self._run(m, base, [i for p, i in enumerate(chunk) if p not in bad])
             elif failed or nonfinite is not None:  # isolate the failing samples: one at a time
                 for i in chunk:
                     yield self._one(m, base, i)
             else:
-                for i, v in zip(chunk, vals):
-                    out = (i, *self._convert(m, v))
-                    if out[2] is None:
-                        self.ever_ok[m.name] = True
-                    yield out
+                vals, side = vals
+                for j, (i, v) in enumerate(zip(chunk, vals)):
+                    yield self._converted(m, i, v, side, j)
             start += len(chunk)
             if m.per_image:
                 self.tick(m.name, start, len(idx))
 
     def _one(self, m, base, i):
         try:
-            v = self._timed(m, base.subset([i]))[0]
+            vals, side = self._timed(m, base.subset([i]))
         except Exception as exc:
             if _is_oom(exc):
                 raise ScanFailed(f"metric {m.name}: out of memory at batch size 1") from None
             self._note_failure(m, exc)
             if isinstance(exc, NonFiniteOutputError):
-                return i, None, _nonfinite_error(exc)
-            return i, None, f"{type(exc).__name__}: {exc}"
-        out = (i, *self._convert(m, v))
-        if out[2] is None:
-            self.ever_ok[m.name] = True
-        return out
+                return i, None, _nonfinite_error(exc), {}
+            return i, None, f"{type(exc).__name__}: {exc}", {}
+        return self._converted(m, i, vals[0], side, 0)
+
+    def _converted(self, m, i, v, side, j):
+        """(i, value, error, side columns) of the j-th image of a computed chunk."""
+        v, err = self._convert(m, v)
+        if err is not None:
+            return i, None, err, {}
+        self.ever_ok[m.name] = True
+        return i, v, None, {c: _side_value(m.columns[c][0], a[j]) for c, a in side.items()}
 
     def _convert(self, m, v):
         """A value as written, or (None, error): a NaN or inf is never written as a result."""
@@ -346,9 +356,10 @@ class _Computer:
         return (int(v), None) if m.dtype == "int64" else (float(v), None)
 
     def _timed(self, m, mb):
+        """(values [len(mb)], {side column: values})."""
         t = time.perf_counter()
         out = m.fn(mb, self.ctxs[m.name])
-        vals = as_values(out, len(mb), m.name)  # moves to the host: synchronises the device
+        vals = split_values(out, len(mb), m)  # moves to the host: synchronises the device
         self.seconds[m.name] += time.perf_counter() - t
         self.images[m.name] += len(mb)
         return vals
@@ -365,6 +376,10 @@ class _Computer:
     def _empty_cache(self):
         if self.ctx.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _side_value(dtype, v):
+    return bool(v) if dtype == "bool" else int(v) if dtype == "int64" else float(v)
 
 
 def _add_error(errors, row, msg):
@@ -577,7 +592,10 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
                     "model": model.describe() if model else ({"name": cfg.model} if cfg.model else None),
                     "settings": _settings(cfg, metrics, image_size, dtype), "units": len(source.units),
                     "metrics": {m.name: {"lower_is_memorized": m.lower_is_memorized, "dtype": m.dtype,
-                                         "description": m.description} for m in metrics}}
+                                         "description": m.description,
+                                         **({"columns": {c: {"dtype": dt, "false_means": what}
+                                                         for c, (dt, what) in m.columns.items()}}
+                                            if m.columns else {})} for m in metrics}}
         _agree_on_manifest(cfg, manifest, dist, rank, world)
 
         stats = ScanStats(rank=rank, world_size=world, skipped_units=len(mine) - len(todo))
@@ -598,7 +616,10 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
         if any(m.needs_model for m in metrics):
             say("settings: " + "; ".join(f"{name} " + ", ".join(f"{k}={v}" for k, v in eff.items())
                                          for name, eff in settings.items() if eff))
-        writer = PartWriter(cfg.out, {m.name: m.dtype for m in metrics}, manifest, next_seq=resume.next_seq,
+        writer = PartWriter(cfg.out, {name: dt for m in metrics
+                                      for name, dt in ((m.name, m.dtype),
+                                                       *((c, spec[0]) for c, spec in m.columns.items()))},
+                            manifest, next_seq=resume.next_seq,
                             part_rows=cfg.part_rows, flush_seconds=cfg.flush_seconds, rank=rank, world_size=world)
         progress = _Progress(total, _progress_mode(cfg.progress, cfg.quiet or rank != 0), cfg.log_every, prefix)
         computer = _Computer(metrics, ctxs, cfg.batch_size, dtype or torch.float32, log, tick=progress.inside)
@@ -643,12 +664,14 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
         stats.metric_seconds = dict(computer.seconds)
         stats.metric_images = dict(computer.images)
         stats.batch_size = computer.batch_size
+        stats.column_false = {c: list(v) for c, v in computer.column_false.items()}
         loop_seconds = time.monotonic() - t_loop
 
         # ---- barrier, then rank 0 merges
         all_stats = dist.gather(asdict(stats))
         if rank == 0:
             _print_throughput(all_stats, loop_seconds, say)
+            _print_side_columns(metrics, all_stats, say)
         if any(s["interrupted"] for s in all_stats):
             return stats
         if rank == 0 and cfg.merge:
@@ -664,6 +687,17 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
         loader_it = None
         torch.set_num_threads(threads)
         dist.close()
+
+
+def _print_side_columns(metrics, all_stats, say):
+    """One line per bool side column with False rows (e.g. nb's undetermined points)."""
+    for m in metrics:
+        for c, (dt, what) in m.columns.items():
+            n = sum(s["column_false"].get(c, (0, 0))[0] for s in all_stats)
+            done = sum(s["column_false"].get(c, (0, 0))[1] for s in all_stats)
+            if dt == "bool" and n:
+                say(f"note: {c} is False for {n} of the {done} images given a {m.name} value in this run: {what}"
+                    f" (the rows are kept; filter on {c})", always=True)
 
 
 def _print_throughput(all_stats, loop_seconds, say):

@@ -51,7 +51,7 @@ def result_schema(metric_dtypes: dict[str, str], *, internal: bool = True) -> pa
     fields = [pa.field("key", pa.string()), pa.field("source", pa.string()), pa.field("caption", pa.string()),
               pa.field("width", pa.int32()), pa.field("height", pa.int32())]
     for name, dt in metric_dtypes.items():
-        fields.append(pa.field(name, pa.int64() if dt == "int64" else pa.float64()))
+        fields.append(pa.field(name, {"int64": pa.int64(), "bool": pa.bool_()}.get(dt, pa.float64())))
     fields.append(pa.field("error", pa.string()))
     if internal:
         fields += [pa.field("_unit", pa.int64()), pa.field("_pos", pa.int64())]
