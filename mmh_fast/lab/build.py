@@ -138,25 +138,37 @@ def build(out_dir, *, size: str = "full", seed: int = 0, config: LabConfig | Non
         rec = _load_existing(out_dir, want)
         if rec is not None:
             return Lab(out_dir=out_dir, config=cfg, seed=int(seed), size=size, record=rec)
+    rec = _train_and_record(out_dir, cfg, int(seed), threads, progress, want)
+    return Lab(out_dir=out_dir, config=cfg, seed=int(seed), size=size, record=rec)
+
+
+def _train_and_record(out_dir: str, cfg: LabConfig, seed: int, threads: int | None, progress: bool, want: dict,
+                      **train_kw) -> dict:
+    """:func:`_train` on ``threads`` torch threads, then build.json (the record plus ``want``,
+    what a later call compares to reuse the directory)."""
     old_threads = torch.get_num_threads()
     set_threads(threads)
     try:
-        rec = _train(out_dir, cfg, int(seed), _progress_factory(progress))
+        rec = _train(out_dir, cfg, seed, _progress_factory(progress), **train_kw)
     finally:
         torch.set_num_threads(old_threads)
     rec.update(want)
     rec = json.loads(json.dumps(rec))  # the record as a later reuse reads it back (lists, not tuples)
     with open(os.path.join(out_dir, BUILD_FILE), "w") as f:
         json.dump(rec, f, indent=1)
-    return Lab(out_dir=out_dir, config=cfg, seed=int(seed), size=size, record=rec)
+    return rec
 
 
-def _train(out_dir: str, cfg: LabConfig, seed: int, progress) -> dict:
+def _train(out_dir: str, cfg: LabConfig, seed: int, progress, *, data: LabData | None = None,
+           train_columns: dict | None = None, prompt_columns: dict | None = None) -> dict:
+    """Train every component on ``data`` (default: ``cfg``'s :func:`make_data`) and write the
+    pipeline and the tables (``train_columns`` / ``prompt_columns``: extra columns, one value per row)."""
     from diffusers import StableDiffusionPipeline
 
     t0 = time.time()
-    data: LabData = make_data(n_dd=cfg.n_dd, dd_copies=cfg.dd_copies, n_od=cfg.n_od, od_boost=cfg.od_boost,
-                              n_generic=cfg.n_generic, image_size=cfg.image_size, seed=seed)
+    if data is None:
+        data = make_data(n_dd=cfg.n_dd, dd_copies=cfg.dd_copies, n_od=cfg.n_od, od_boost=cfg.od_boost,
+                         n_generic=cfg.n_generic, image_size=cfg.image_size, seed=seed)
     pdir = os.path.join(out_dir, "pipeline")
     with tempfile.TemporaryDirectory(prefix="mmh_lab_tok_") as tdir:
         tok = _write_tokenizer(tdir, vocabulary(data), cfg.max_length)
@@ -180,7 +192,7 @@ def _train(out_dir: str, cfg: LabConfig, seed: int, progress) -> dict:
     # vocab.json and merges.txt beside the tokenizer.json that save_pretrained writes, so that
     # CLIPTokenizer loads the lab's vocabulary with any transformers version
     _write_tokenizer(os.path.join(pdir, "tokenizer"), vocabulary(data), cfg.max_length)
-    _write_tables(out_dir, data, tr["stream_count"])
+    _write_tables(out_dir, data, tr["stream_count"], train_columns=train_columns, prompt_columns=prompt_columns)
     return {"vae": vae_stats, "loss_curve": tr["loss_curve"], "seconds": {"vae": t_vae,
                                                                            "denoiser": tr["train_seconds"],
                                                                            "total": time.time() - t0},
@@ -190,7 +202,8 @@ def _train(out_dir: str, cfg: LabConfig, seed: int, progress) -> dict:
                            "vae": sum(p.numel() for p in vae.parameters())}}
 
 
-def _write_tables(out_dir: str, data: LabData, stream_count: np.ndarray) -> None:
+def _write_tables(out_dir: str, data: LabData, stream_count: np.ndarray, *, train_columns: dict | None = None,
+                  prompt_columns: dict | None = None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -198,13 +211,14 @@ def _write_tables(out_dir: str, data: LabData, stream_count: np.ndarray) -> None
         "key": data.keys, "caption": data.captions, "png": [png_bytes(x) for x in data.images],
         "kind": data.kinds, "digit": [int(d) for d in data.digits],
         "dataset_count": [int(c) for c in data.dataset_count], "stream_count": [int(c) for c in stream_count],
+        **(train_columns or {}),
     }), os.path.join(out_dir, "train.parquet"))
     pr = data.prompts
     pq.write_table(pa.table({
         "prompt": [p["prompt"] for p in pr], "kind": [p["kind"] for p in pr],
         "train_keys": pa.array([p["train_keys"] for p in pr], type=pa.list_(pa.string())),
         "trigger": pa.array([p["trigger"] for p in pr], type=pa.string()), "split": [p["split"] for p in pr],
-        "digit": [p["digit"] for p in pr],
+        "digit": [p["digit"] for p in pr], **(prompt_columns or {}),
     }), os.path.join(out_dir, "prompts.parquet"))
 
 
