@@ -116,7 +116,10 @@ def _cmd_report(args) -> int:
 
     path = make_report(args.results, out=args.out, labels=args.labels, fmt=args.format, positive=args.positive,
                        top=args.top, lid_metric=args.lid_metric, classes=args.classes,
-                       generations=args.generations, image_size=args.image_size, warn=not args.quiet)
+                       generations=args.generations, image_size=args.image_size, warn=not args.quiet,
+                       maps=args.maps, map_kind=args.map, maps_metric=args.maps_metric, map_model=args.map_model,
+                       map_steps=args.map_steps, map_guidance=args.map_guidance, map_probes=args.map_probes,
+                       device=args.device)
     if not args.quiet:
         print(path)
     return 0
@@ -337,6 +340,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--image-size", type=_positive_int,
                    help="side at which generations and training images are compared (default: the scan's image "
                         "size, else the first generated image's)")
+    r.add_argument("--maps", type=int, default=0, metavar="N",
+                   help="memorization maps (Kim and Lee, ICML 2026) of the N images ranked most memorized by "
+                        "--maps-metric: each image's caption is run through the scan's text-conditioned model and "
+                        "the map, taken at the last step of that caption's CFG DDIM trajectory (upsampled to image "
+                        "size for latent models), is drawn in red over the image the trajectory generates, beside "
+                        "the training image (maps.png, maps/maps.npz). Needs captions and a conditional model; "
+                        "computed when the report is made, so scans stay lean (default: 0, none)")
+    r.add_argument("--map", choices=["score", "curvature"], default="score",
+                   help="which map: score (score difference sum_k (s_c - s_u)^2, one two-branch UNet call per "
+                        "image after the trajectory) or curvature (coordinate-wise curvature difference, "
+                        "--map-probes Jacobian-vector products) (default: score)")
+    r.add_argument("--maps-metric", metavar="NAME",
+                   help="metric ranking the images for --maps, in its own direction (default: the --lid-metric, "
+                        "lowest first)")
+    r.add_argument("--map-model", metavar="DIR",
+                   help="the text-conditioned pipeline for --maps (default: the model the scan recorded)")
+    r.add_argument("--map-steps", type=_positive_int, default=50,
+                   help="DDIM steps of the map's trajectory (default: 50, the paper's)")
+    r.add_argument("--map-guidance", type=float, default=7.5,
+                   help="CFG guidance scale of the trajectory (default: 7.5)")
+    r.add_argument("--map-probes", type=_positive_int, default=16,
+                   help="Hutchinson probes of --map curvature (default: 16, the paper's)")
+    r.add_argument("--device", help="device of --maps (cuda, cuda:N, cpu; default: cuda when available)")
     r.add_argument("--quiet", action="store_true", help="print nothing on success (warnings included)")
     r.set_defaults(func=_cmd_report)
 

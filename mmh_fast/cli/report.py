@@ -4,8 +4,10 @@ Writes into DIR: ``hist_<metric>.png`` (density histograms, split by label when
 labels are given, as in the MMH paper's Fig. 5 and 6), ``roc.png`` (ROC curves of
 every metric, linear and log false-positive axes, with AUC and TPR at 1% FPR),
 ``lowest_<metric>.png`` (the lowest-LID images with keys and captions, when the
-images can still be read from their ``source``), and ``report.html`` (one
-self-contained page, figures embedded as base64) or ``report.md``.
+images can still be read from their ``source``), ``maps.png`` and ``maps/``
+(with ``--maps N``: memorization maps of the N images ranked most memorized,
+see :func:`memorization_maps`), and ``report.html`` (one self-contained page,
+figures embedded as base64) or ``report.md``.
 
 ROC orientation comes from the metrics' ``lower_is_memorized`` flags stored in
 the results' metadata (LID metrics: low values are flagged), never from the
@@ -25,7 +27,8 @@ import numpy as np
 from .errors import UserError
 from .writer import META_KEY, RESULTS, read_output
 
-__all__ = ["roc_curve", "roc_auc", "tpr_at_fpr", "make_report", "load_results", "load_labels", "read_table"]
+__all__ = ["roc_curve", "roc_auc", "tpr_at_fpr", "make_report", "load_results", "load_labels", "read_table",
+           "memorization_maps", "MAP_KINDS"]
 
 _NEGATIVE_WORDS = {"none", "not", "not_memorized", "not memorized", "negative", "neg", "clean", "false", "no", "0",
                    "normal", "unmemorized", "non-memorized", "generalized", "generalised"}
@@ -404,7 +407,9 @@ def _results_path(results):
 def make_report(results: str, *, out: str, labels: str | None = None, fmt: str = "html",
                 positive: str | None = None, top: int = 16, lid_metric: str | None = None,
                 classes: str | None = None, generations: str | None = None, image_size: int | None = None,
-                warn: bool = True) -> str:
+                warn: bool = True, maps: int = 0, map_kind: str = "score", maps_metric: str | None = None,
+                map_model: str | None = None, map_steps: int = 50, map_guidance: float = 7.5,
+                map_probes: int = 16, device: str | None = None) -> str:
     """Write the figures and the page; returns the page's path.
 
     Args:
@@ -418,9 +423,13 @@ def make_report(results: str, *, out: str, labels: str | None = None, fmt: str =
         image_size: the side at which generations and training images are compared
             (default: the scan's image size, else the first generated image's).
         warn: also print the page's warnings on stderr.
+        maps: memorization maps of the ``maps`` images ranked most memorized by
+            ``maps_metric`` (0: none); see :func:`memorization_maps` for the other
+            ``map_*`` options and ``device``.
     """
     if fmt not in ("html", "md"):
         raise UserError(f"--format must be html or md, got {fmt!r}")
+    map_opts = _check_map_options(maps, map_kind, map_steps, map_guidance, map_probes)
     notes = _Notes(warn)
     table, meta = load_results(results)
     rpath = _results_path(results)
@@ -532,6 +541,16 @@ def make_report(results: str, *, out: str, labels: str | None = None, fmt: str =
             _pairs_grid([(g, t, gk, tk, c) for g, t, gk, tk, c, _ in pairs], p)
             figures.append((f"The {len(pairs)} generated images closest to a training image (calibrated l2)", p))
 
+    # ---- memorization maps of the images ranked most memorized
+    map_rows = []
+    if maps:
+        mm = maps_metric or lid or metrics[0]
+        if mm not in metrics:
+            raise UserError(f"--maps-metric {mm!r} is not a metric of the results ({', '.join(metrics)})")
+        map_rows = memorization_maps(table, meta, rpath, metric=mm, values=cols[mm], lower=lower[mm],
+                                     metric_title=titles[mm], n=maps, kind=map_kind, model=map_model,
+                                     out=out, notes=notes, figures=figures, device=device, **map_opts)
+
     title = f"mmh-fast report: {os.path.basename(os.path.abspath(results))}"
     info = _info_lines(meta, table.num_rows, table.column("error").null_count if "error" in table.column_names
                        else table.num_rows, labels)
@@ -539,7 +558,7 @@ def make_report(results: str, *, out: str, labels: str | None = None, fmt: str =
     gen_rows = [(gk, tk, c, l2) for _, _, gk, tk, c, l2 in pairs]
     sections = dict(title=title, info=info, summary=summary, figures=figures, notes=notes.items,
                     lid=lid, lid_title=titles.get(lid), low_rows=low_rows, labelled=assigned is not None,
-                    classes=class_info, gen_rows=gen_rows)
+                    classes=class_info, gen_rows=gen_rows, map_rows=map_rows)
     if fmt == "md":
         page = os.path.join(out, "report.md")
         text = _markdown(sections, out)
@@ -610,6 +629,169 @@ def _generation_pairs(spec, sources, keys, rpath, image_col, meta, image_size, t
     hwc = lambda a: a.transpose(1, 2, 0)  # noqa: E731
     return [(hwc(garr[i]), hwc(tarr[idx[i]]), gkeys[i], tkeys[idx[i]], float(cl2[i]), float(l2[i]))
             for i in order]
+
+
+# --------------------------------------------------------------------------- memorization maps
+#: --map: (library function, what the map is, its unit)
+MAP_KINDS = {
+    "score": ("score_difference_map", "score-difference map sum_k (s_c - s_u)^2 per pixel (Kim and Lee, ICML 2026)",
+              "score^2"),
+    "curvature": ("curvature_difference_map", "curvature-difference map relu(sum_k diag d(eps_c - eps_u)/dx) per "
+                  "pixel, Hutchinson diagonal (Kim and Lee, ICML 2026)", "eps units"),
+}
+
+
+def _check_map_options(maps, kind, steps, guidance, probes) -> dict:
+    if isinstance(maps, bool) or not isinstance(maps, int) or maps < 0:
+        raise UserError(f"--maps must be an integer >= 0 (the number of images), got {maps!r}")
+    if kind not in MAP_KINDS:
+        raise UserError(f"--map must be one of {', '.join(MAP_KINDS)}, got {kind!r}")
+    for name, v in (("--map-steps", steps), ("--map-probes", probes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"{name} must be an integer >= 1, got {v!r}")
+    g = float(guidance)
+    if not (np.isfinite(g) and g >= 1):
+        raise UserError(f"--map-guidance must be a finite number >= 1, got {guidance!r}")
+    return {"steps": steps, "guidance": g, "probes": probes}
+
+
+def _resolve_model(spec, rpath, given):
+    """A scan's model argument as a loadable path: a toy name, the path as stored when it
+    exists, else relative to the results file's folder."""
+    from .loader import TOY_MODELS
+
+    if spec in TOY_MODELS or os.path.exists(spec) or given:
+        return spec
+    beside = os.path.join(os.path.dirname(os.path.abspath(rpath)), spec)
+    if os.path.exists(beside):
+        return beside
+    raise UserError(f"--maps: the scan's model {spec!r} cannot be found (from here or beside the results); "
+                    "pass its pipeline directory with --map-model DIR")
+
+
+def memorization_maps(table, meta, rpath, *, metric, values, lower, metric_title, n, kind, model, out, notes,
+                      figures, steps, guidance, probes, device=None) -> list:
+    """Memorization maps of the ``n`` images the results rank most memorized by
+    ``metric`` (lowest first when ``lower``, else highest; rows without a finite
+    value or a caption are passed over): for each, the caption is given to the
+    scan's text-conditioned pipeline (``model``, default the one the scan
+    recorded), and :func:`mmh_fast.text.score_difference_map` (``kind`` "score")
+    or :func:`mmh_fast.text.curvature_difference_map` ("curvature", ``probes``
+    Hutchinson probes) is taken at the last step of the caption's CFG DDIM
+    trajectory (``steps`` steps, guidance ``guidance``, latent 0 keyed by the
+    scan's --seed), upsampled to image size for latent pipelines. The map
+    belongs to that trajectory, so it is drawn over the image the trajectory
+    ends in (:func:`mmh_fast.text.generate`, same seed): when the caption is
+    memorized that image reproduces the training image, and the map shows
+    which part is copied.
+
+    Writes ``maps.png`` (training image | generated image | map overlay, one row
+    per image) and ``maps/maps.npz``: ``keys``, ``captions``, ``values`` [n]
+    (the metric), ``maps`` float64 [n, H, W], ``generated`` and ``overlays``
+    float32 [n, 3, H, W] in [-1, 1] (:func:`mmh_fast.text.map_overlay`), and
+    ``settings`` (JSON). Returns the table rows of the page."""
+    import torch
+
+    from .. import text as mtext
+    from .loader import load_model, parse_dtype, resolve_device
+
+    fn_name, what, unit = MAP_KINDS[kind]
+    caps = table.column("caption").to_pylist() if "caption" in table.column_names else [None] * table.num_rows
+    if not any(isinstance(c, str) and c.strip() for c in caps):
+        raise UserError(f"--maps: {rpath!r} holds no captions; memorization maps compare the model's conditional "
+                        "and unconditional scores of an image's caption. Scan a source with captions (a caption "
+                        "column, .txt or .json beside each image)")
+    spec = model or (meta.get("model") or {}).get("name")
+    if not spec:
+        raise UserError(f"--maps: {rpath!r} was scanned without --model; memorization maps need the "
+                        "text-conditioned pipeline (Stable Diffusion-like): pass it with --map-model DIR")
+    spec = _resolve_model(spec, rpath, model is not None)
+    dev = resolve_device(device)
+    loaded = load_model(spec, device=dev, dtype=parse_dtype(None, dev))
+    if not loaded.conditional:
+        raise UserError(f"--maps: the model {spec!r} ({loaded.class_name}) is unconditional; memorization maps "
+                        "need a text-conditioned pipeline (conditional and unconditional scores): pass one with "
+                        "--map-model DIR")
+    fp = (meta.get("model") or {}).get("fingerprint")
+    if fp and fp != loaded.fingerprint:
+        notes(f"the model at {spec!r} differs from the one the scan used (config fingerprint {loaded.fingerprint} "
+              f"against {fp}): the maps are this model's.")
+
+    keys = [str(k) for k in table.column("key").to_pylist()]
+    order = np.argsort(values if lower else -values, kind="mergesort")
+    chosen, passed = [], []
+    for i in order:
+        if len(chosen) == n or not np.isfinite(values[i]):
+            break
+        (chosen if isinstance(caps[i], str) and caps[i].strip() else passed).append(int(i))
+    if passed:
+        notes(f"--maps: {len(passed)} of the images ranked most memorized by {metric} have no caption and get no "
+              f"map (first: {keys[passed[0]]!r}).")
+    if not chosen:
+        raise UserError(f"--maps: no image with a finite {metric} has a caption")
+    prompts = [caps[i] for i in chosen]
+    seed = int((meta.get("settings") or {}).get("seed") or 0)
+    kw = dict(num_images=1, seed=seed, num_inference_steps=steps, guidance_scale=guidance)
+    fn = getattr(mtext, fn_name)
+    m = fn(loaded.pipeline, prompts, **kw, **({"n_probes": probes} if kind == "curvature" else {}))
+    maps = m[:, 0].to(torch.float64)
+    with torch.no_grad():
+        gen = mtext.generate(loaded.pipeline, prompts, **kw).float().cpu()
+    overlays = mtext.map_overlay(gen, maps)
+
+    settings = {"kind": kind, "function": f"mmh_fast.text.{fn_name}", "metric": metric, "lower_is_memorized": lower,
+                "model": spec, "seed": seed, "num_inference_steps": steps, "guidance_scale": guidance, "step": -1,
+                **({"n_probes": probes} if kind == "curvature" else {})}
+    d = os.path.join(out, "maps")
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, "maps.tmp.npz")
+    np.savez_compressed(tmp, keys=np.array([keys[i] for i in chosen]), captions=np.array(prompts),
+                        values=values[chosen], maps=maps.numpy(), generated=gen.numpy(), overlays=overlays.numpy(),
+                        settings=np.array(json.dumps(settings)))
+    os.replace(tmp, os.path.join(d, "maps.npz"))
+
+    image_col = (meta.get("source") or {}).get("image_column")
+    sources = table.column("source").to_pylist() if "source" in table.column_names else [None] * len(keys)
+    hwc = lambda t: ((t.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)  # noqa: E731
+    rows, unread = [], 0
+    for r, i in enumerate(chosen):
+        try:
+            train = _read_thumb(sources[i], rpath, image_col)
+        except Exception:
+            train, unread = None, unread + 1
+        rows.append((train, hwc(gen[r]), hwc(overlays[r]), keys[i], float(values[i]), prompts[r]))
+    if unread:
+        notes(f"--maps: {unread} training image(s) could not be read from their source (left blank).")
+    setting = f"last step of the {steps}-step CFG DDIM trajectory, guidance {_fmt(guidance)}, seed {seed}" + (
+        f", {probes} probes" if kind == "curvature" else "")
+    p = os.path.join(out, "maps.png")
+    _maps_grid(rows, metric, f"{what}; {setting}", p)
+    direction = "lowest" if lower else "highest"
+    figures.append((f"Memorization maps of the {len(chosen)} images with the {direction} {metric_title}: the "
+                    f"training image | the image its caption generates | the {what} over it ({setting}; red = "
+                    "high, each map scaled by its own maximum)", p))
+    flat = maps.reshape(len(chosen), -1)
+    return [{"rank": r + 1, "key": keys[i], "value": float(values[i]), "caption": prompts[r], "metric": metric,
+             "kind": kind, "unit": unit, "max": float(flat[r].max()), "mean": float(flat[r].mean())}
+            for r, i in enumerate(chosen)]
+
+
+def _maps_grid(rows, name, title, path):
+    """rows: (training image or None, generated image, overlay, key, value, caption)."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(rows), 3, figsize=(6.3, 2.3 * len(rows)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for (a, b, c), (train, gen, over, key, value, caption) in zip(axes, rows):
+        if train is not None:
+            a.imshow(train)
+        a.set_title(f"{_short(key, 22)}\n{name}={_fmt(value)}", fontsize=7)
+        b.imshow(gen)
+        b.set_title(f"generated from\n{_short(caption, 26)}", fontsize=7)
+        c.imshow(over)
+        c.set_title("memorization map\n(red = high)", fontsize=7)
+    fig.suptitle(_short(title, 160), fontsize=8, wrap=True)
+    _save(fig, path)
 
 
 def _open_size(data):
@@ -718,6 +900,12 @@ def _tables(s):
         head = ["key", s["lid"]] + (["label"] if s["labelled"] else []) + ["caption"]
         rows = [[k, _fmt(v)] + ([lab or ""] if s["labelled"] else []) + [c or ""] for k, v, c, lab in s["low_rows"]]
         out.append((f"Lowest {s['lid_title']}", head, rows))
+    if s["map_rows"]:
+        r0 = s["map_rows"][0]
+        out.append((f"Memorization maps ({r0['kind']}), ranked by {r0['metric']}",
+                    ["rank", "key", r0["metric"], f"map max ({r0['unit']})", f"map mean ({r0['unit']})", "caption"],
+                    [[r["rank"], r["key"], _fmt(r["value"]), _fmt(r["max"]), _fmt(r["mean"]), r["caption"]]
+                     for r in s["map_rows"]]))
     if s["gen_rows"]:
         out.append(("Generations and their nearest training images",
                     ["generated", "nearest training image", "calibrated l2", "l2 (pixels in [0, 1])"],
