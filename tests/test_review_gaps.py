@@ -1,5 +1,7 @@
 """Review gaps of issues 14/16: clear errors instead of silent NaN or silent rounding,
 and the nb metric's determined mask."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -139,3 +141,59 @@ def test_scan_nb_writes_nb_determined_and_one_summary_line(tmp_path, capsys):
     assert "point(s) undetermined" not in err
     lines = [ln for ln in err.splitlines() if "nb_determined is False" in ln]
     assert len(lines) == 1 and "for 3 of the 3 images" in lines[0], err
+
+
+def test_report_generations_stream_the_training_images(tmp_path, capsys, monkeypatch):
+    """report --generations reads the training images in chunks of TRAIN_CHUNK (memory
+    bounded) and finds the same pairs as the former all-at-once search."""
+    import shutil
+
+    import mmh_fast.retrieval as retrieval
+    from cli_data import make_folder
+    from mmh_fast.cli import main, report
+    from mmh_fast.cli.sources import decode_image
+
+    good = make_folder(tmp_path / "train", n=13, corrupt=(7,), captions=False)
+    assert main(["scan", "--data", str(tmp_path / "train"), "--out", str(tmp_path / "scan"), "--metrics", "png",
+                 "--workers", "0", "--quiet"]) == 0
+    make_folder(tmp_path / "gen", n=5, captions=False, seed=9)
+    for k in ("img002.png", "img011.png"):  # two copies of training images among the generations
+        shutil.copy(tmp_path / "train" / k, tmp_path / "gen" / f"copy_{k}")
+    table, meta = report.load_results(str(tmp_path / "scan"))
+    keys, sources = table.column("key").to_pylist(), table.column("source").to_pylist()
+    rpath = str(tmp_path / "scan" / "results.parquet")
+
+    # the former search: every readable training image in memory at once
+    gen = {k: decode_image(str(tmp_path / "gen" / k), 32)[0] for k in sorted(os.listdir(tmp_path / "gen"))}
+    tk = sorted(good)
+    t = np.stack([decode_image(str(tmp_path / "train" / k), 32)[0] for k in tk]).reshape(len(tk), -1)
+    g = np.stack(list(gen.values())).reshape(len(gen), -1).astype(np.float32) / 255.0
+    cl2, idx = retrieval.calibrated_l2(g, t.astype(np.float32) / 255.0, n=len(tk), return_indices=True)
+    ref = sorted((float(c), gk, tk[i]) for c, gk, i in zip(cl2, gen, idx))
+
+    chunks = []
+    real = retrieval.calibrated_l2
+
+    def spy(generated, train, **kw):
+        def counted():
+            for c in train:
+                chunks.append(len(c))
+                yield c
+        return real(generated, counted(), **kw)
+
+    monkeypatch.setattr(retrieval, "calibrated_l2", spy)
+    monkeypatch.setattr(report, "TRAIN_CHUNK", 4)
+    notes = []
+    pairs = report._generation_pairs(str(tmp_path / "gen"), sources, keys, rpath, None, meta, None, 100,
+                                     notes.append)
+    got = sorted((c, gk, tkey) for _, _, gk, tkey, c, _ in pairs)
+    assert [(gk, tkey) for _, gk, tkey in got] == [(gk, tkey) for _, gk, tkey in ref]
+    np.testing.assert_allclose([c for c, _, _ in got], [c for c, _, _ in ref], rtol=1e-12, atol=0)
+    for gimg, timg, gk, tkey, c, l2 in pairs:
+        assert np.array_equal(timg, good[tkey])  # the shown training image is the nearest one
+        assert l2 == pytest.approx(np.linalg.norm(gen[gk].astype(np.float64) / 255 - good[tkey].transpose(2, 0, 1)
+                                                  / 255), rel=1e-6)
+    assert {gk: tkey for _, gk, tkey in got}["copy_img002.png"] == "img002.png"
+    # 12 readable images of 13 (n = min(50, 13) = 13 > 12: a second pass calibrates on the 12)
+    assert max(chunks) <= 4 and sum(chunks) == 2 * 12
+    assert any("1 training images could not be read" in n for n in notes)

@@ -336,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "class counts (default: the classes.parquet beside RESULTS, when there is one)")
     r.add_argument("--generations", metavar="SOURCE",
                    help="generated images (a folder or any scan source): each shown next to its nearest training "
-                        "image (the results' images, read in full) with the calibrated l2")
+                        "image (the results' images, streamed in chunks of 256: memory stays bounded) with the "
+                        "calibrated l2")
     r.add_argument("--image-size", type=_positive_int,
                    help="side at which generations and training images are compared (default: the scan's image "
                         "size, else the first generated image's)")

@@ -575,9 +575,12 @@ def make_report(results: str, *, out: str, labels: str | None = None, fmt: str =
 def _generation_pairs(spec, sources, keys, rpath, image_col, meta, image_size, top, notes):
     """[(gen thumb, train thumb, gen key, train key, calibrated l2, l2)] of the ``top``
     generations with the lowest calibrated l2, nearest = the exact nearest training
-    image in pixel space at ``image_size`` (float32 in [0, 1])."""
+    image in pixel space at ``image_size`` (float32 in [0, 1]). The generations are
+    held in memory (the queries); the training images are streamed in chunks of
+    :data:`TRAIN_CHUNK` (the exact per-chunk neighbours merged by
+    :func:`mmh_fast.retrieval.calibrated_l2`) and only the shown ones read again."""
     from ..retrieval import calibrated_l2
-    from .sources import LOCATION_SEP, decode_image, open_source, read_image_at
+    from .sources import decode_image, open_source
 
     size = image_size or (meta.get("settings") or {}).get("image_size")
     src = open_source(spec)
@@ -598,37 +601,79 @@ def _generation_pairs(spec, sources, keys, rpath, image_col, meta, image_size, t
             garr.append(arr)
     if not garr:
         raise UserError(f"--generations {spec!r}: no image could be read")
-    tkeys, tarr, bad = [], [], 0
-    for k, s in zip(keys, sources):
-        try:
-            loc = resolve_source(s, rpath)
-            if LOCATION_SEP in loc:  # inside a shard or table: re-encoded losslessly for decode_image
-                buf = io.BytesIO()
-                with read_image_at(loc, image_column=image_col) as img:
-                    img.convert("RGB").save(buf, format="PNG")
-                loc = buf.getvalue()
-            tarr.append(decode_image(loc, size)[0])
-            tkeys.append(k)
-        except Exception:
-            bad += 1
-    if bad:
-        notes(f"{bad} training images could not be read and are left out of the nearest-image search.")
-    if not tarr:
+    g = np.stack(garr).reshape(len(garr), -1).astype(np.float32) / 255.0
+    tkeys, bad = [], [0]
+
+    def search(n):  # one streamed pass over the training images
+        tkeys.clear()
+        bad[0] = 0
+        return calibrated_l2(g, _training_chunks(keys, sources, rpath, image_col, size, tkeys, bad), n=n,
+                             return_indices=True)
+
+    n = min(50, len(keys))
+    try:
+        cl2, idx = search(n)
+    except ValueError:
+        if tkeys and len(tkeys) >= n:
+            raise
+        if tkeys:  # fewer readable training images than n: calibrate on all of them (a small set, read again)
+            n = len(tkeys)
+            cl2, idx = search(n)
+    if bad[0]:
+        notes(f"{bad[0]} training images could not be read and are left out of the nearest-image search.")
+    if not tkeys:
         notes("no training image could be read: no generated image is compared with the training set.")
         return []
-    g = np.stack(garr).reshape(len(garr), -1).astype(np.float32) / 255.0
-    t = np.stack(tarr).reshape(len(tarr), -1).astype(np.float32) / 255.0
-    n = min(50, len(tarr))
     if n < 50:
         notes(f"calibrated l2 over the {n} nearest training images (Carlini et al. use 50; the training set "
-              f"has {len(tarr)}).")
-    cl2, idx = calibrated_l2(g, t, n=n, return_indices=True)
+              f"has {len(tkeys)}).")
     cl2, idx = np.asarray(cl2, dtype=np.float64), np.asarray(idx, dtype=np.int64)
-    l2 = np.linalg.norm(g.astype(np.float64) - t[idx].astype(np.float64), axis=1)
     order = np.argsort(cl2, kind="mergesort")[:top]
-    hwc = lambda a: a.transpose(1, 2, 0)  # noqa: E731
-    return [(hwc(garr[i]), hwc(tarr[idx[i]]), gkeys[i], tkeys[idx[i]], float(cl2[i]), float(l2[i]))
-            for i in order]
+    pairs = []
+    for i in order:  # only the shown training images are decoded again
+        t = _decode_training(tkeys[idx[i]][1], rpath, image_col, size)
+        l2 = float(np.linalg.norm(g[i].astype(np.float64) - (t.reshape(-1).astype(np.float32) / 255.0)
+                                  .astype(np.float64)))
+        pairs.append((garr[i].transpose(1, 2, 0), t.transpose(1, 2, 0), gkeys[i], tkeys[idx[i]][0], float(cl2[i]),
+                      l2))
+    return pairs
+
+
+#: training images decoded per chunk of the nearest-image search of --generations: memory
+#: stays at one chunk (256 x 3 x size^2 float32: 3 MiB at 32 x 32, 200 MiB at 256 x 256)
+TRAIN_CHUNK = 256
+
+
+def _decode_training(source, rpath, image_col, size):
+    """A training image as uint8 [3, size, size], as the scan decodes it."""
+    from .sources import LOCATION_SEP, decode_image, read_image_at
+
+    loc = resolve_source(source, rpath)
+    if LOCATION_SEP in loc:  # inside a shard or table: re-encoded losslessly for decode_image
+        buf = io.BytesIO()
+        with read_image_at(loc, image_column=image_col) as img:
+            img.convert("RGB").save(buf, format="PNG")
+        loc = buf.getvalue()
+    return decode_image(loc, size)[0]
+
+
+def _training_chunks(keys, sources, rpath, image_col, size, tkeys, bad):
+    """float32 [<= TRAIN_CHUNK, 3 size^2] chunks in [0, 1] of the readable training images;
+    appends (key, source) of each to ``tkeys`` (the stream's row order) and counts the
+    unreadable ones in ``bad[0]``."""
+    buf = []
+    for k, s in zip(keys, sources):
+        try:
+            buf.append(_decode_training(s, rpath, image_col, size))
+        except Exception:
+            bad[0] += 1
+            continue
+        tkeys.append((k, s))
+        if len(buf) == TRAIN_CHUNK:
+            yield np.stack(buf).reshape(len(buf), -1).astype(np.float32) / 255.0
+            buf = []
+    if buf:
+        yield np.stack(buf).reshape(len(buf), -1).astype(np.float32) / 255.0
 
 
 # --------------------------------------------------------------------------- memorization maps
