@@ -176,3 +176,53 @@ def test_bad_arguments(tmp_path, capsys, dup_folder):
     assert rc == 2 and "--k 500 needs at least 501 samples" in err
     rc, err = _run(capsys, "--data", dup_folder, "--out", tmp_path / "o", "--rule", "pca")
     assert rc == 2 and "--rule must be one of" in err
+
+
+def test_rerank_distances_equal_float64_brute_force_for_any_block():
+    """The faiss path's exact re-ranking (_exact_distances) against distances summed in
+    float64 from float64 differences, whatever the row block (a speed knob only)."""
+    from mmh_fast.cli.lid_data import _exact_distances
+
+    g = np.random.default_rng(3)
+    x = torch.from_numpy(g.normal(size=(300, 37)).astype(np.float32))
+    x[5] = x[9]  # an exact copy: distance 0 exactly
+    rows = torch.arange(40, 110)
+    nb = torch.from_numpy(g.integers(0, 300, size=(70, 12)))
+    nb[0, 0] = 9
+    rows[0] = 5
+    x64 = x.to(torch.float64)
+    ref = (x64[nb] - x64[rows].unsqueeze(1)).pow(2).sum(-1).sqrt()
+    out = [_exact_distances(x, rows, nb, block=b) for b in (1, 7, 16, 256)]
+    for d in out:
+        assert torch.equal(d, out[0])
+        # float32 differences (one rounding each) summed in float64: within 2 float32 ulps
+        assert torch.allclose(d, ref, rtol=2 * 2.0 ** -23, atol=0)
+    assert out[0][0, 0] == 0
+
+
+def test_recall_with_the_exact_kth_given_equals_recomputed():
+    """tune() computes the exact k-th distances once per sample; the recall is the same
+    as with them recomputed, and equals a brute-force count."""
+    from mmh_fast.cli.lid_data import _exact_kth, _tie_aware_recall
+
+    g = np.random.default_rng(4)
+    x = torch.from_numpy(g.normal(size=(200, 8)).astype(np.float32))
+    rows = torch.arange(0, 50)
+    k = 10
+    d = torch.cdist(x.double(), x.double())
+    d[rows, rows] = float("inf")
+    order = d[rows].argsort(1)
+    found = order[:, 1:k + 1].clone()  # misses the nearest: k - 1 of k right (no ties here)
+    dk = _exact_kth(x, rows, k)
+    assert torch.allclose(dk, d[rows].sort(1).values[:, k - 1], rtol=1e-6)
+    r1 = _tie_aware_recall(x, rows, found, k)
+    r2 = _tie_aware_recall(x, rows, found, k, dk)
+    assert r1 == r2 == pytest.approx((k - 1) / k)
+
+
+def test_constant_features_are_a_clear_error(tmp_path, capsys):
+    x = np.ones((30, 16), np.float32)
+    _vector_table(tmp_path / "c.parquet", x)
+    rc, err = _run(capsys, "--data", tmp_path / "c.parquet", "--out", tmp_path / "o", "--features", "emb",
+                   "--k", 5)
+    assert rc == 2 and "zero variance" in err and "Traceback" not in err

@@ -356,11 +356,9 @@ def _exact_knn(x, k):
     return search
 
 
-def _tie_aware_recall(x, rows, found, k):
-    """Mean over ``rows`` of #(found neighbours no farther than the exact k-th) / k.
-    With exact copies many neighbour sets are equally right, so recall counts
-    distances, not indices. The exact k-th distance is ops.knn's (the query
-    itself excluded by index, as in the search)."""
+def _exact_kth(x, rows, k):
+    """float64 [len(rows)]: the exact distance from each row to its k-th nearest other
+    row, as ops.knn gives it (the query itself excluded by index, as in the search)."""
     from .. import ops
 
     rows = torch.as_tensor(rows)
@@ -368,16 +366,28 @@ def _tie_aware_recall(x, rows, found, k):
     d = d.to(torch.float64)
     self_hit = (i == rows.unsqueeze(1)).any(1)
     # the (k+1)-th of the k + 1 when the query is among them, else the k-th
-    dk = torch.where(self_hit, d[:, k], d[:, k - 1])
+    return torch.where(self_hit, d[:, k], d[:, k - 1])
+
+
+def _tie_aware_recall(x, rows, found, k, dk=None):
+    """Mean over ``rows`` of #(found neighbours no farther than the exact k-th) / k.
+    With exact copies many neighbour sets are equally right, so recall counts
+    distances, not indices. ``dk``: :func:`_exact_kth` of the rows, if known (the
+    exact search is the costly part: one per sample, not one per breadth tried)."""
+    rows = torch.as_tensor(rows)
+    if dk is None:
+        dk = _exact_kth(x, rows, k)
     dq = _exact_distances(x, rows, found)
     hits = (dq <= (dk * (1 + 1e-6) + 1e-12).unsqueeze(1)).sum(1).clamp(max=k)
     return float(hits.to(torch.float64).mean() / k)
 
 
-def _exact_distances(x, rows, nb, *, block: int = 256):
+def _exact_distances(x, rows, nb, *, block: int = 16):
     """float64 [len(rows), k] distances |x[rows] - x[nb]|, ``block`` rows at a time.
     The differences are taken in the data's dtype (0 exactly for copies), the norm
-    accumulated in float64; no float64 copy of the gathered neighbours (2x faster)."""
+    accumulated in float64; no float64 copy of the gathered neighbours (2x faster).
+    16 rows of 100 neighbours at D = 512 are 3 MiB, within the cache: measured
+    4x faster than 256 rows (52 MiB per temporary), with bit-identical values."""
     out = torch.empty(nb.shape, dtype=torch.float64)
     for b0 in range(0, len(rows), block):
         nbb = nb[b0:b0 + block]
@@ -416,10 +426,13 @@ class _FaissSearch:
         t = time.perf_counter()
         gpu = cfg.device is not None and cfg.device.startswith("cuda") and hasattr(faiss, "StandardGpuResources")
         if cfg.index == "faiss-ivf":
-            # sqrt(N) lists (k-means on 64 points per list: faiss warns below 39): the k-means
-            # cost, N^1.5 D, stays below the search's; the search breadth (nprobe) is then
-            # widened until the measured recall reaches the target
-            self.nlist = max(1, min(int(round(math.sqrt(n))), n // 39))
+            # 4 sqrt(N) lists, the low end of faiss's guideline (4 to 16 sqrt(N)): a query
+            # scans the nlist centroids and nprobe lists of N / nlist rows, nlist + nprobe N /
+            # nlist rows in all, least at nlist = sqrt(nprobe N), i.e. 4 sqrt(N) at nprobe 16.
+            # k-means on 64 points per list (faiss warns below 39): 64 nlist^2 D per iteration,
+            # 16 N D at 10^6 rows, below the search's ~8,000 N D. The search breadth (nprobe)
+            # is then widened until the measured recall reaches the target.
+            self.nlist = max(1, min(int(round(4 * math.sqrt(n))), n // 39))
             quantizer = faiss.IndexFlatL2(d)
             index = faiss.IndexIVFFlat(quantizer, d, self.nlist, faiss.METRIC_L2)
             g = np.random.default_rng(cfg.seed)
@@ -454,10 +467,12 @@ class _FaissSearch:
         rows = torch.as_tensor(sample)
         history = []
         value = self.value
+        dk = _exact_kth(self.x, rows, self.k)
+        self.exact_sample_seconds = time.perf_counter() - t
         while True:
             self._set(value)
             nb = self._search_rows(rows)
-            recall = _tie_aware_recall(self.x, sample, nb, self.k)
+            recall = _tie_aware_recall(self.x, sample, nb, self.k, dk)
             history.append({self.param: value, "recall": recall})
             say(f"faiss {self.param} = {value}: recall@{self.k} = {recall:.4f} on {len(sample)} rows")
             if recall >= target or value >= self.limit:
@@ -490,17 +505,47 @@ class _FaissSearch:
                 **({"nlist": self.nlist} if self.param == "nprobe" else {"M": 32, "efConstruction": 200}),
                 self.param: self.value, "recall_at_k": self.recall, "recall_sample": None,
                 "tuning": self.history, "build_seconds": round(self.build_seconds, 3),
-                "tune_seconds": round(self.tune_seconds, 3), "faiss_version": self.faiss.__version__}
+                "tune_seconds": round(self.tune_seconds, 3),
+                "exact_sample_seconds": round(self.exact_sample_seconds, 3),
+                "faiss_version": self.faiss.__version__}
 
 
 def _chunk_path(out, i):
     return os.path.join(out, "chunks", f"c{i:07d}.npz")
 
 
-def _lid_chunk(x, d, nb, cfg, paper):
+def _local_pca_kernels(x):
+    """(spectra(nb, sizes), fo_count(nb, alpha)): the native kernels behind
+    ops.local_pca / ops.local_pca_count, the same numbers. Why not those
+    functions per chunk: each call re-validates the whole feature matrix (a
+    finite check and a not-all-identical check, ~3 s per call at N = 10^6,
+    D = 512: 6 min over 123 chunks of 8,192 rows), and here it was validated
+    once (finite when read; not constant: checked here, once)."""
+    from ..ops._dispatch import kernel
+    from ..ops.local_pca import check_not_constant
+
+    try:
+        check_not_constant(x, "the features")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    spectra, count = kernel("local_pca", x.device), kernel("local_pca_count", x.device)
+    xc = x.contiguous()
+
+    def pca(nb, sizes=None):
+        return spectra(xc, nb.to(torch.int64).contiguous(),
+                       None if sizes is None else sizes.to(torch.int64).contiguous())
+
+    def fo(nb, alpha):
+        return count(xc, nb.to(torch.int64).contiguous(), float(alpha))[0]
+
+    return pca, fo
+
+
+def _lid_chunk(x, d, nb, cfg, paper, kernels):
     """What chunk (d, nb) contributes: the LIDs, or (paper rule) the floored spectra."""
-    from .. import ops
     from ..lid.lpca import _floor_zeros, apply_rule
+
+    pca, fo = kernels
 
     n_dup = (d <= 0).sum(1)
     n_copies = n_dup.cpu().numpy().astype(np.int64)
@@ -510,12 +555,12 @@ def _lid_chunk(x, d, nb, cfg, paper):
         n_near = (d <= r_star).sum(1)
         # as lpca(rule="paper"): the copies if any, else the neighbours within r*, else all k
         use = torch.where(n_dup > 0, n_dup, torch.where(n_near > 0, n_near, torch.full_like(n_near, cfg.k)))
-        ev = ops.local_pca(x, neighbors=torch.cat([own, nb], 1), sizes=use + 1, progress=False)
+        ev = pca(torch.cat([own, nb], 1), use + 1)
         return {"ev": _floor_zeros(ev, scale2).cpu().numpy(), "n_copies": n_copies}
     if cfg.rule == "fo":
-        lid = ops.local_pca_count(x, neighbors=nb, alpha=float(cfg.alpha), progress=False)
+        lid = fo(nb, cfg.alpha)
     else:
-        lid = apply_rule(ops.local_pca(x, neighbors=nb, progress=False), cfg.rule, float(cfg.alpha))
+        lid = apply_rule(pca(nb), cfg.rule, float(cfg.alpha))
     return {"lid": lid.cpu().numpy(), "n_copies": n_copies}
 
 
@@ -548,13 +593,14 @@ def _neighbour_phase(cfg, x, progress, say):
         if recall < cfg.target_recall:
             say(f"warning: faiss reached recall@{cfg.k} = {recall:.4f} only, below --target-recall "
                 f"{cfg.target_recall}, at the widest search tried")
+    kernels = _local_pca_kernels(x)
     pending = set(todo)
     progress.update(sum(r1 - r0 for i, (r0, r1) in enumerate(chunks) if i not in pending), 0)
     for i in todo:
         r0, r1 = chunks[i]
         d, nb = search(r0, r1)
         nb = nb.to(x.device)
-        part = _lid_chunk(x, d.to(x.device), nb, cfg, None if paper is None else (*paper, r0))
+        part = _lid_chunk(x, d.to(x.device), nb, cfg, None if paper is None else (*paper, r0), kernels)
         _save_npz_atomic(_chunk_path(cfg.out, i), **part)
         progress.update(r1 - r0, 0)
     return report, len(chunks)
