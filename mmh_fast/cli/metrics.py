@@ -394,7 +394,8 @@ NB_DETERMINED = "nb_determined"
                                                   "measurement")},
                  description="normal-bundle LID_theta(x) = d - rank of the score matrix at t0 (Eq. 7-8; default t0 "
                              "0.1, the paper's); costs 4d network calls per image (d = pixel or latent entries: "
-                             "~44 s per 32x32 RGB image on a 2-core CPU) unless nb.n_samples is set")
+                             "~44 s per 32x32 RGB image on a 2-core CPU) unless nb.n_samples is set; writes "
+                             "nb_determined (False where the spectrum decides no rank)")
 def _nb(batch, ctx):
     from .. import normal_bundle
 

@@ -696,7 +696,7 @@ def _print_side_columns(metrics, all_stats, say):
             n = sum(s["column_false"].get(c, (0, 0))[0] for s in all_stats)
             done = sum(s["column_false"].get(c, (0, 0))[1] for s in all_stats)
             if dt == "bool" and n:
-                say(f"note: {c} is False for {n} of the {done} images given a {m.name} value in this run: {what}"
+                say(f"note: {m.name}: {c} is False for {n} of the {done} images valued in this run: {what}"
                     f" (the rows are kept; filter on {c})", always=True)
 
 
