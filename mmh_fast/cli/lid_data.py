@@ -596,13 +596,21 @@ def _neighbour_phase(cfg, x, progress, say):
     kernels = _local_pca_kernels(x)
     pending = set(todo)
     progress.update(sum(r1 - r0 for i, (r0, r1) in enumerate(chunks) if i not in pending), 0)
+    # where the time goes (this run's chunks only, on a resume): the kNN search (with
+    # faiss: search and exact re-ranking) against the local PCA
+    t_search = t_pca = 0.0
     for i in todo:
         r0, r1 = chunks[i]
+        t = time.perf_counter()
         d, nb = search(r0, r1)
         nb = nb.to(x.device)
+        t_search += time.perf_counter() - t
+        t = time.perf_counter()
         part = _lid_chunk(x, d.to(x.device), nb, cfg, None if paper is None else (*paper, r0), kernels)
+        t_pca += time.perf_counter() - t
         _save_npz_atomic(_chunk_path(cfg.out, i), **part)
         progress.update(r1 - r0, 0)
+    report["search_seconds"], report["local_pca_seconds"] = round(t_search, 3), round(t_pca, 3)
     return report, len(chunks)
 
 
