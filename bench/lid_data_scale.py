@@ -1,19 +1,24 @@
 """`mmh-fast lid-data` on 512-d embedding columns at growing N: wall time, peak
-memory (max RSS of the command's process) and faiss's recall@k.
+memory (max RSS of the command's process), faiss's recall@k, where the time
+goes, and the LIDs against the known truth.
 
-Data (synthetic, clustered as embeddings are): N float32 vectors in R^512 in
-N / 1000 clusters, each Gaussian on a 16-dimensional subspace plus isotropic
-noise, with 1% of the rows exact copies of 100 vectors (the duplicates
-lid-data exists to find), in a Parquet file with a fixed-size-list column
-(row groups of 65,536).
+Data (synthetic, a known-LID mixture clustered as embeddings are): N float32
+vectors in R^512 in N / 1000 clusters, cluster c Gaussian on its own random
+affine subspace of dimension (2, 4, 8, 16, 32)[c % 5] plus isotropic noise,
+with 1% of the rows exact copies of 100 rows (the duplicates lid-data exists
+to find: true LID 0), in a Parquet file with a fixed-size-list column and a
+true_dim column (row groups of 65,536).
 
-    PYTHONPATH=. python bench/lid_data_scale.py --n 25000 50000 100000 --index exact
+    PYTHONPATH=. python bench/lid_data_scale.py --n 10000 100000 --index exact
     PYTHONPATH=. python bench/lid_data_scale.py --n 100000 --index faiss-ivf faiss-hnsw --compare exact
-    PYTHONPATH=. python bench/lid_data_scale.py --n 1000000 --index faiss-ivf
+    PYTHONPATH=. python bench/lid_data_scale.py --n 1000000 --index faiss-ivf --threads 2
+    PYTHONPATH=. python bench/lid_data_scale.py --n 10000 --index exact --rule fo   # LIDs = true dims
 
-Each run prints one JSON line: n, index, seconds (wall, and per phase from
-lid_data.json), peak_rss_gib, recall_at_k (faiss), and with --compare the
-fraction of LIDs equal to the other index's at the same N.
+Each run prints one JSON line: n, index, rule, threads, seconds (wall, and per
+phase from lid_data.json; the index report splits the neighbour phase into
+search and local PCA), peak_rss_gib, recall_at_k (faiss), the median LID_*
+per true dimension and the fraction of copies at LID_* 0, and with --compare
+the fraction of LIDs equal to the other index's at the same N and rule.
 """
 from __future__ import annotations
 
@@ -97,10 +102,12 @@ def run(data: str, out: str, index: str, k: int, rule: str, threads: int) -> dic
                OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t = time.monotonic()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # the command's progress log goes to OUT.log as it runs (a long run can be watched)
+    with open(out.rstrip("/") + ".log", "w") as log:
+        r = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     wall = time.monotonic() - t
     if r.returncode != 0:
-        raise SystemExit(f"lid-data failed:\n{r.stderr}")
+        raise SystemExit(f"lid-data failed: see {out.rstrip('/')}.log")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, the largest child so far
     with open(os.path.join(out, "lid_data.json")) as f:
         man = json.load(f)
