@@ -5,7 +5,7 @@ embedding table perturbed (the independent truth), plus the option's errors.
 
 Why the option exists (measured on the committed quick lab, see the README's lab
 section): with a causal text encoder the trigger's information also reaches the
-EOS and padding positions, where 48-69% (mean 59%) of the A^CFG hidden-state
+EOS and padding positions, where 49-66% (mean 60%) of the A^CFG hidden-state
 gradient lies; the default (hidden states at the prompt's own positions, Wen et al.'s
 definition) loses it."""
 import pytest

@@ -235,24 +235,54 @@ def test_issue16_mitigation_rows(quick_model, one_thread):
         ALIGNMENT_MIN
 
 
-@pytest.mark.xfail(strict=True, reason="measured: token_attributions(metric='cfg') ranks the trigger first for 0 of "
-                   "the first 8 memorized trigger prompts of the quick lab (style and digit words get more "
-                   "gradient; top-1 is 0/10 for 'score' and 'flipd' too). The issue asks for 'most'. A likely "
-                   "cause, not yet measured: CLIP's causal text encoder also carries the trigger into the EOS "
-                   "and padding positions, which attributions leave out. Unfinished: see the README's lab "
-                   "section.")
+# Attribution, measured on the committed checkpoint (float32, 1 thread, guidance 3, 20 DDIM steps, seed 0,
+# 2 images per attribution) over all 29 verified-memorized trigger prompts (README, lab section):
+# - truth by ablation (4 generations each): the copy rate is 0.93 as written, 0.94 with "a" -> "of", 0.16
+#   with the style word swapped, 0.10 with the digit word swapped and 0.03 with the trigger swapped for
+#   another plant's trigger; so the trigger is the word whose replacement removes the copy most often.
+# - token_attributions(wrt="token_embeddings") ranks the trigger first for 27/29 (cfg), 25/29 (score),
+#   24/29 (flipd), top-3 29/29; on the first 8 (this test, cfg): 6/8 (ranks 1 1 1 1 1 2 1 2).
+# - the default wrt="hidden_states" (Wen et al.'s definition: output hidden states at the prompt's own
+#   positions) ranks it first for 1/29, 2/29, 0/29 (chance with 4 tokens: 1/4): 49-66% of its gradient
+#   sits at the EOS/padding outputs, which CLIP's causal encoder fills with the trigger's information;
+#   on the first 8: 0/8 (ranks 2 3 4 4 2 4 3 4).
+# The floor is the issue's "most" (> half); the measured 6/8 leaves 1 prompt of margin.
+TRIGGER_FIRST_MIN = 0.5
+# Swapping the trigger of the 8 prompts for the next one's: measured copy rate 0.0 (0.97 unswapped);
+# with the ablation's swap partners (the next of all 30 plants) the same 8 gave 0.125. The ceiling 0.25
+# is twice the larger of the two, far below the unswapped rate.
+SWAPPED_COPY_MAX = 0.25
+
+
 def test_trigger_token_ranks_first(quick, one_thread):
+    """The trigger drives the copy (truth by generation: swapping it for another plant's trigger
+    removes the copy), and token_attributions through the text encoder ranks it first for most
+    memorized trigger prompts, as the lab's attribution table reports."""
+    from mmh_fast.lab.measure import attribution
+    from mmh_fast.lab.truth import COPY_THRESHOLD, copy_scores, generate_images
     from mmh_fast.text import token_attributions
 
-    gt, cfg = quick["gt"], quick["lab"].config
+    gt, cfg, pipe = quick["gt"], quick["lab"].config, quick["pipe"]
     trig = [p for p, m in zip(quick["prompts"], gt["memorized"]) if p["trigger"] and m][:N_ATTRIBUTION]
-    assert len(trig) >= 4
-    first = []
-    for p in trig:
-        att = token_attributions(quick["pipe"], p["prompt"], metric="cfg", num_images=2,
-                                 guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps)
-        first.append(max(att, key=lambda a: a[1])[0].strip() == p["trigger"])
-    assert np.mean(first) > 0.5
+    assert len(trig) == N_ATTRIBUTION
+    g = dict(guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps)
+    keys = {r["key"]: i for i, r in enumerate(quick["lab"].train())}
+    own = np.array([keys[p["train_keys"][0]] for p in trig])
+    swapped = [p["prompt"].replace(p["trigger"], trig[(i + 1) % len(trig)]["trigger"]) for i, p in enumerate(trig)]
+    assert all(s.split()[:-1] == p["prompt"].split()[:-1] for s, p in zip(swapped, trig))
+    d, idx = copy_scores(generate_images(pipe, swapped, n=4, seed=0, **g), quick["train_images"])
+    swapped_rate = float(((d < COPY_THRESHOLD) & (idx == own[:, None])).mean())
+    assert swapped_rate <= SWAPPED_COPY_MAX, swapped_rate
+
+    prompts, triggers = [p["prompt"] for p in trig], [p["trigger"] for p in trig]
+    rows = {r["wrt"]: r for r in attribution(pipe, prompts, triggers, num_images=2, metrics=("cfg",), **g)}
+    assert set(rows) == {"hidden_states", "token_embeddings"}
+    assert rows["token_embeddings"]["top1"] > TRIGGER_FIRST_MIN, rows
+    # the table's ranks are token_attributions' own (first prompt, both wrt)
+    for w, r in rows.items():
+        att = token_attributions(pipe, prompts[0], metric="cfg", num_images=2, wrt=w, **g)
+        order = [t for t, _ in sorted(att, key=lambda a: -a[1])]
+        assert r["ranks"][0] == order.index(triggers[0]) + 1
 
 
 def test_a_mitigation_lowers_copy_rate_and_keeps_alignment(quick, one_thread):

@@ -138,25 +138,31 @@ def detection(pipe, prompts: Sequence[str], labels, *, guidance_scale: float, nu
 
 def attribution(pipe, prompts: Sequence[str], triggers: Sequence[str], *, guidance_scale: float,
                 num_inference_steps: int, num_images: int = 2, seed: int = 0,
-                metrics: Sequence[str] = ("cfg", "score", "flipd")) -> list[dict]:
+                metrics: Sequence[str] = ("cfg", "score", "flipd"),
+                wrt: Sequence[str] = ("hidden_states", "token_embeddings")) -> list[dict]:
     """Rank of the trigger token in :func:`mmh_fast.text.token_attributions` for
-    each prompt and metric: rows (metric, top1, top3, seconds_per_prompt, ranks)."""
+    each prompt, metric and ``wrt`` (the output hidden states, Wen et al.'s
+    definition, and the input token embeddings, through the text encoder): rows
+    (metric, wrt, top1, top3, seconds_per_prompt, ranks). A trigger absent from
+    the attributed tokens (truncated) ranks last + 1."""
     from ..text import token_attributions
 
     out = []
     for m in metrics:
-        ranks = []
-        t = time.perf_counter()
-        for p, trig in zip(prompts, triggers):
-            att = token_attributions(pipe, p, metric=m, num_images=num_images, seed=seed,
-                                     guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
-            order = sorted(range(len(att)), key=lambda j: -att[j][1])
-            toks = [att[j][0].strip().lower() for j in order]
-            ranks.append(toks.index(trig) + 1 if trig in toks else len(toks) + 1)
-        sec = time.perf_counter() - t
-        r = np.asarray(ranks)
-        out.append({"metric": m, "top1": float((r == 1).mean()), "top3": float((r <= 3).mean()),
-                    "seconds_per_prompt": sec / max(1, len(ranks)), "ranks": r.tolist()})
+        for w in wrt:
+            ranks = []
+            t = time.perf_counter()
+            for p, trig in zip(prompts, triggers):
+                att = token_attributions(pipe, p, metric=m, num_images=num_images, seed=seed,
+                                         guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                                         wrt=w)
+                order = sorted(range(len(att)), key=lambda j: -att[j][1])
+                toks = [att[j][0].strip().lower() for j in order]
+                ranks.append(toks.index(trig) + 1 if trig in toks else len(toks) + 1)
+            sec = time.perf_counter() - t
+            r = np.asarray(ranks)
+            out.append({"metric": m, "wrt": w, "top1": float((r == 1).mean()), "top3": float((r <= 3).mean()),
+                        "seconds_per_prompt": sec / max(1, len(ranks)), "ranks": r.tolist()})
     return out
 
 
