@@ -99,3 +99,12 @@ def test_token_embedding_attributions_in_float16_agree_with_float32():
     # fp16 rounding of the encoder and UNet (the same tolerance as the hidden-state test in test_text_metrics)
     torch.testing.assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in want]),
                                rtol=0, atol=5e-2)
+
+
+def test_token_embedding_attributions_of_a_truncated_prompt_warn_and_cover_the_kept_tokens():
+    pipe = tiny_sd()
+    with pytest.warns(UserWarning, match="truncated"):
+        att = token_attributions(pipe, " ".join(["red"] * 30), metric="cfg", num_images=1, num_inference_steps=4,
+                                 max_timesteps=1, wrt="token_embeddings")
+    assert len(att) == 14  # 16 positions minus BOS and EOS
+    assert sum(v for _, v in att) == pytest.approx(1.0)
