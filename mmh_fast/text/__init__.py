@@ -24,7 +24,8 @@ Detection
 Differentiable metrics and attributions
 - :func:`memorization_score`: A^CFG, A^{s CFG}, A^FLIPD (Eq. 24, 25, 28).
 - :func:`token_attributions`: gradient norms of a metric w.r.t. the
-  text-encoder output hidden states, per token, normalised.
+  text-encoder output hidden states (or, ``wrt="token_embeddings"``, its
+  input token embeddings, through the encoder), per token, normalised.
 
 Mitigation
 - :func:`mitigate`: attribution-weighted token sampling + a rephraser
