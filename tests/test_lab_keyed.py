@@ -172,3 +172,27 @@ def test_solidmark_separates_memorized_images_on_the_keyed_lab(keyed_lab):
 def test_keyed_lab_retrains(tmp_path):
     lab = K.build_keyed(tmp_path / "lab", size="quick", seed=0, progress=False)
     _check_separation(lab, lab.load_pipeline())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MMH_FAST_LAB_RETRAIN") != "1",
+                    reason="run_keyed end to end (~4 min: ground truth of every training prompt, default "
+                           "resampling); set MMH_FAST_LAB_RETRAIN=1")
+def test_run_keyed_end_to_end_and_reuse(keyed_lab, monkeypatch):
+    import mmh_fast.solidmark as solidmark
+
+    lab, _ = keyed_lab
+    kw = dict(size="quick", seed=0, progress=False, mitigations=("none", "gni:1"), max_not_memorized=4)
+    out = K.run_keyed(lab.out_dir, **kw)
+    res = out["results"]
+    assert len(res["table"]) == 2 * 5 * len(K.DELTAS)
+    mem = np.array(res["images"]["memorized"])
+    assert mem.sum() >= 20 and (~mem).sum() >= 4  # 24 copied plants; 6 uncopied DD plants + 4 generic
+    for r in res["table"]:
+        if r["mitigation"] == "none" and r["group"] == "memorized":
+            assert r["p_value"] < P_MEMORIZED_MAX, r
+    assert any(line.startswith("| none |") for line in out["markdown"]) and all(map(os.path.exists, out["figures"]))
+    # the same arguments again: read back from keyed.json, nothing inpainted
+    monkeypatch.setattr(solidmark, "evaluate", lambda *a, **k: pytest.fail("run_keyed recomputed"))
+    again = K.run_keyed(lab.out_dir, **kw)
+    assert again["results"] == res and again["markdown"] == out["markdown"]
