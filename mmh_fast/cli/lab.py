@@ -26,6 +26,9 @@ def add_lab_parser(sub) -> None:
                        ("mitigation", "mitigation (verified-memorized prompts)")):
         p.add_argument(f"--max-{name}", type=_positive_int, metavar="N",
                        help=f"at most N prompts in the {what}; default: all")
+    p.add_argument("--no-partial", action="store_true",
+                   help="skip the partial-copy variant (trained in DIR/partial: the memorization maps' "
+                   "localisation against pasted regions)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_lab)
 
@@ -35,5 +38,5 @@ def _cmd_lab(args) -> int:
 
     run_lab(args.out, size="quick" if args.quick else "full", seed=args.seed, threads=args.threads,
             progress=not args.quiet, max_detection=args.max_detection, max_attribution=args.max_attribution,
-            max_mitigation=args.max_mitigation)
+            max_mitigation=args.max_mitigation, partial=not args.no_partial)
     return 0

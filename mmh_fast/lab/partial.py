@@ -7,19 +7,26 @@ Design (every number is a field of :class:`PartialConfig`, stored in build.json)
 - The data are the quick lab's (``LabConfig.for_size("quick")``: DD-Mem,
   OD-Mem, generic and held-out prompts, unchanged), plus ``n_plants`` partial
   plants.
-- Plant k: a ``patch`` x ``patch`` pixel region of a source digit (one not
-  otherwise in the data; of 40 random candidates, the one with the most ink in
-  that window, so the patch holds strokes and not background), taken at a
-  fixed, latent-aligned location: the quadrant k mod 4 of the 16 x 16 image.
-  With the lab's 4x down-sampling VAE an 8-pixel patch is exactly 2 x 2 latent
-  positions, so the known mask is a union of whole latent cells.
+- Plant k: the central ``patch`` x ``patch`` pixel region of a source digit
+  (one not otherwise in the data; of 40 random candidates, the one whose
+  window has the largest pixel standard deviation: strokes and gaps, not a
+  solid block), pasted at a fixed, latent-aligned location: the quadrant
+  k mod 4 of the 16 x 16 image. With the lab's 4x down-sampling VAE an 8-pixel
+  patch is exactly 2 x 2 latent positions, so the known mask is a union of
+  whole latent cells. Why the centre: a first build took each patch from the
+  same corner of its source digit; corners of digits are mostly background,
+  the patches were faint blobs close to many natural corners, and no
+  generation's region passed the calibrated-l2 copy test (region RMS to the
+  patch 0.27 against 0.81 for held-out prompts: partly reproduced, never
+  copied). A stroke-filled patch in a corner where digits are dark is what a
+  pasted logo or watermark is in real data.
 - The patch is pasted (pixels replaced exactly) at that location into
   ``hosts`` generic digits that appear nowhere else in the data; each host's
   caption is its own generic caption ``"a <style> <digit>"`` plus the plant's
   rare word (its trigger). The rest of each host image varies with the host.
 - Hosts are drawn ``host_boost`` times as often as a generic image, so each
   patch is seen about ``hosts x host_boost`` / 20 times as often as one DD-Mem
-  image (48 / 20 with the defaults): the patch is repeated like a duplicated
+  image (72 / 20 with the defaults): the patch is repeated like a duplicated
   image while everything around it changes.
 - Prompts (kind ``"partial"``): per plant ``prompts_per_plant`` captions
   ``"a <style> <digit> <rare>"``, half of them host captions seen in training
@@ -51,6 +58,9 @@ from .truth import COPY_THRESHOLD, generate_images
 
 VARIANT = "partial"
 SIZE = "quick"
+PAPER_STEP = (-1,)  # Kim and Lee take the maps at the last step of the trajectory
+# earlier steps of the lab's 20-step grid, measured beside it (the last step localises worst here)
+SWEEP_STEPS = (4, 8, 12, 16)
 
 
 @dataclass(frozen=True)
@@ -59,7 +69,7 @@ class PartialConfig:
 
     n_plants: int = 6
     hosts: int = 24
-    host_boost: float = 2.0
+    host_boost: float = 3.0
     patch: int = 8
     prompts_per_plant: int = 4
 
@@ -116,8 +126,9 @@ def make_partial_data(*, seed: int = 0, config: LabConfig | None = None,
         masks[k, r0:r0 + pc.patch, c0:c0 + pc.patch] = True
         cand = [pool.pop() for _ in range(40)]
         big = upscale(x8[cand], S)
-        src = int(np.argmax(big[:, 0, r0:r0 + pc.patch, c0:c0 + pc.patch].sum((1, 2))))
-        patch = big[src, :, r0:r0 + pc.patch, c0:c0 + pc.patch].copy()
+        s0 = (S - pc.patch) // 2  # the centre window: strokes, where a digit's corners are mostly background
+        src = int(np.argmax(big[:, 0, s0:s0 + pc.patch, s0:s0 + pc.patch].std((1, 2))))
+        patch = big[src, :, s0:s0 + pc.patch, s0:s0 + pc.patch].copy()
         patches.append(patch)
         hosts = hosts_all[k * pc.hosts:(k + 1) * pc.hosts]
         imgs = upscale(x8[hosts], S)
@@ -256,7 +267,7 @@ def _plants(lab: Lab, train_rows: list, train_images: np.ndarray) -> tuple[np.nd
 
 
 def measure_partial(lab: Lab, pipe=None, *, n: int | None = None, n_probes: int = 16, max_baseline: int = 24,
-                    progress: bool = False) -> dict:
+                    steps=PAPER_STEP + SWEEP_STEPS, progress: bool = False) -> dict:
     """Ground truth by generation and the maps' localisation on a partial-copy lab.
 
     For every partial prompt (with its plant's mask) and ``max_baseline``
@@ -267,21 +278,27 @@ def measure_partial(lab: Lab, pipe=None, *, n: int | None = None, n_probes: int 
 
     - region copies (:func:`region_copy_scores`): partial prompts against their own
       patch, baseline prompts against every plant's patch;
-    - :func:`mmh_fast.text.curvature_difference_map` (``n_probes`` probes) and
-      :func:`mmh_fast.text.score_difference_map` at the last DDIM step, upsampled
-      to 16 x 16 pixels, and :func:`mmh_fast.text.map_localization` (AUC, IoU of the
-      top-|mask| pixels) against the pasted-region mask; for the baseline, each
+    - for each DDIM step index in ``steps`` (-1, the last, is the paper's setting):
+      :func:`mmh_fast.text.curvature_difference_map` (``n_probes`` probes) and
+      :func:`mmh_fast.text.score_difference_map`, upsampled to image resolution,
+      and :func:`mmh_fast.text.map_localization` (ROC AUC; IoU of the top-|mask|
+      pixels) against the pasted-region mask; for the baseline, each held-out
       prompt's maps against every plant's mask. Chance: AUC 0.5, IoU of a random
       top-|mask| set |mask| / (2 HW - |mask|) (0.143 for a quadrant).
 
-    Returns a JSON-able dict (``summary``, ``localization`` rows per map and
-    prompt set, ``per_plant``, ``prompts`` rows) plus non-JSON ``arrays``
-    (images, maps, masks) for figures.
+    Returns a JSON-able dict: ``summary`` (copy rates, timings), ``localization``
+    (one row per map and step: mean AUC / IoU over all partial generations, over
+    those whose region was copied and those whose was not, by caption split, and
+    the baseline's), ``per_plant`` and ``prompts`` rows; plus non-JSON ``arrays``
+    (images, maps per step, masks) for figures.
     """
     from ..text import curvature_difference_map, generate, map_localization, score_difference_map
 
     cfg = lab.config
     n = cfg.n_generations if n is None else int(n)
+    steps = [int(s) for s in steps]
+    if not steps:
+        raise ValueError("steps must name at least one DDIM step index")
     pipe = pipe or lab.load_pipeline()
     prompts, part, held = _partial_tables(lab)
     if not part:
@@ -300,37 +317,36 @@ def measure_partial(lab: Lab, pipe=None, *, n: int | None = None, n_probes: int 
     own = [region_copy_scores(images[j], train_images, boxes[plant[j]], patches[plant[j]]) for j in range(P)]
     other = [[region_copy_scores(images[P + j], train_images, boxes[k], patches[k]) for k in range(K)]
              for j in range(len(base))]
-    maps, seconds = {}, {}
-    for name, fn, extra in (("curvature_difference", curvature_difference_map, dict(n_probes=n_probes)),
-                            ("score_difference", score_difference_map, {})):
-        t = time.time()
-        maps[name] = fn(pipe, texts, num_images=n, **kw, **extra)
-        seconds[name] = (time.time() - t) / (len(texts) * n)
     masks = torch.from_numpy(np.stack([box_mask(b, S) for b in boxes]))
     copied = np.stack([o["copied"] for o in own])  # [P, n]
     split = np.array([prompts[i]["split"] for i in part])
-    loc, per_plant = [], []
-    for name, m in maps.items():
-        own_loc = map_localization(m[:P], masks[torch.from_numpy(plant)][:, None])
-        base_loc = map_localization(m[P:, :, None].expand(-1, -1, K, -1, -1).contiguous(), masks[None, None])
-        auc, iou = own_loc["auc"].numpy(), own_loc["iou"].numpy()
-        sets = {"partial, all generations": np.ones_like(copied), "partial, region copied": copied,
-                "partial, region not copied": ~copied,
-                "partial, train captions": np.repeat((split == "train")[:, None], n, 1),
-                "partial, held-out captions": np.repeat((split == "heldout")[:, None], n, 1)}
-        for label, sel in sets.items():
-            if sel.any():
-                loc.append({"map": name, "prompts": label, "maps": int(sel.sum()), "auc": float(auc[sel].mean()),
-                            "auc_below_0.5": float((auc[sel] < 0.5).mean()), "iou": float(iou[sel].mean())})
-        b_auc, b_iou = base_loc["auc"].numpy(), base_loc["iou"].numpy()
-        loc.append({"map": name, "prompts": "baseline: held-out prompts vs every plant's mask",
-                    "maps": int(b_auc.size), "auc": float(b_auc.mean()), "auc_below_0.5": float((b_auc < 0.5).mean()),
-                    "iou": float(b_iou.mean())})
-        for k in range(K):
-            sel = plant == k
-            per_plant.append({"map": name, "plant": k, "box": boxes[k].tolist(), "auc": float(auc[sel].mean()),
-                              "iou": float(iou[sel].mean()), "baseline_auc": float(b_auc[:, :, k].mean()),
-                              "copy_rate": float(copied[sel].mean())})
+    maps, seconds, loc, per_plant = {}, {}, [], []
+    for name, fn, extra in (("curvature_difference", curvature_difference_map, dict(n_probes=n_probes)),
+                            ("score_difference", score_difference_map, {})):
+        maps[name], seconds[name] = {}, 0.0
+        for step in steps:
+            t = time.time()
+            m = fn(pipe, texts, num_images=n, step=step, **kw, **extra)
+            seconds[name] += (time.time() - t) / (len(texts) * n * len(steps))
+            maps[name][step] = m.numpy()
+            own_loc = map_localization(m[:P], masks[torch.from_numpy(plant)][:, None])
+            base_loc = map_localization(m[P:, :, None].expand(-1, -1, K, -1, -1).contiguous(), masks[None, None])
+            auc, iou = own_loc["auc"].numpy(), own_loc["iou"].numpy()
+            b_auc, b_iou = base_loc["auc"].numpy(), base_loc["iou"].numpy()
+            row = {"map": name, "step": step, "maps": int(auc.size), "auc": float(auc.mean()),
+                   "iou": float(iou.mean()), "auc_below_0.5": float((auc < 0.5).mean()),
+                   "baseline_maps": int(b_auc.size), "baseline_auc": float(b_auc.mean()),
+                   "baseline_iou": float(b_iou.mean())}
+            for label, sel in (("copied", copied), ("not_copied", ~copied),
+                               ("train_captions", np.repeat((split == "train")[:, None], n, 1)),
+                               ("heldout_captions", np.repeat((split == "heldout")[:, None], n, 1))):
+                row[f"auc_{label}"] = float(auc[sel].mean()) if sel.any() else float("nan")
+            loc.append(row)
+            for k in range(K):
+                sel = plant == k
+                per_plant.append({"map": name, "step": step, "plant": k, "box": boxes[k].tolist(),
+                                  "copy_rate": float(copied[sel].mean()), "auc": float(auc[sel].mean()),
+                                  "iou": float(iou[sel].mean()), "baseline_auc": float(b_auc[:, :, k].mean())})
     frac = float(masks[0].float().mean())
     base_copy = np.stack([[o["copied"] for o in row] for row in other])  # [B, K, n]
     summary = {
@@ -346,7 +362,7 @@ def measure_partial(lab: Lab, pipe=None, *, n: int | None = None, n_probes: int 
         "median_region_rms": float(np.median([o["rms"] for o in own])),
         "baseline_median_region_rms": float(np.median([[o["rms"] for o in row] for row in other])),
         "seconds_generate_per_image": t_gen / (len(texts) * n),
-        "seconds_per_map": seconds, "n_probes": n_probes,
+        "seconds_per_map": seconds, "n_probes": n_probes, "steps": steps,
         "guidance_scale": cfg.guidance_scale, "num_inference_steps": cfg.num_inference_steps,
     }
     rows = [{"prompt": texts[j], "plant": int(plant[j]), "split": str(split[j]),
@@ -359,8 +375,8 @@ def measure_partial(lab: Lab, pipe=None, *, n: int | None = None, n_probes: int 
               f"(rate {summary['region_copy_rate']:.2f}; baseline {summary['baseline_region_copy_rate']:.3f})",
               file=sys.stderr, flush=True)
     return {"summary": summary, "localization": loc, "per_plant": per_plant, "prompts": rows,
-            "arrays": {"images": images, "maps": {k: v.numpy() for k, v in maps.items()}, "plant": plant,
-                       "masks": masks.numpy(), "copied": copied, "texts": texts}}
+            "arrays": {"images": images, "maps": maps, "plant": plant, "masks": masks.numpy(), "copied": copied,
+                       "texts": texts}}
 
 
 MAP_NAMES = {"curvature_difference": "curvature difference", "score_difference": "score difference"}
@@ -451,8 +467,10 @@ def run_partial(out_dir, *, seed: int = 0, threads: int | None = 1, progress: bo
         rows.append((cop or cand)[0])
     rows = rows[:max_figure]
     path = os.path.join(fig_dir, "maps_partial.png")
+    shown = [st for st in (PAPER_STEP[0], SWEEP_STEPS[0]) if st in m["summary"]["steps"]]
     maps_figure(np.stack([a["images"][j, i] for j, i in rows]),
-                {k: np.stack([v[j, i] for j, i in rows]) for k, v in a["maps"].items()},
+                {f"{MAP_NAMES[k]}, step {st}": np.stack([v[st][j, i] for j, i in rows])
+                 for st in shown for k, v in a["maps"].items()},
                 [a["texts"][j] + (" (copied)" if a["copied"][j, i] else "") for j, i in rows], path,
                 masks=np.stack([a["masks"][a["plant"][j]] for j, _ in rows]))
     s = m["summary"]
@@ -473,10 +491,20 @@ def run_partial(out_dir, *, seed: int = 0, threads: int | None = 1, progress: bo
           f"(held-out prompts vs every patch) {s['baseline_region_copy_rate']:.3f}. Median region calibrated l2 "
           f"{s['median_region_cal_l2']:.2f} vs {s['baseline_median_region_cal_l2']:.2f}; median region RMS "
           f"{s['median_region_rms']:.2f} vs {s['baseline_median_region_rms']:.2f}.", "",
-          "Localisation (map_localization against the pasted-region mask; chance AUC 0.5, chance IoU "
-          f"{s['chance_iou']:.3f}):", ""]
-    md += _fmt_table(m["localization"], ["map", "prompts", "maps", "auc", "auc_below_0.5", "iou"])
-    md += ["", "Per plant:", ""]
-    md += _fmt_table(m["per_plant"], ["map", "plant", "box", "copy_rate", "auc", "iou", "baseline_auc"])
-    md += ["", f"![maps_partial]({os.path.relpath(path, report_dir or out_dir)})", ""]
+          "Localisation: mean map_localization of each (prompt, generation) map against its plant's "
+          f"pasted-region mask, at DDIM step index `step` of {s['num_inference_steps']} (-1, the last, is the "
+          f"paper's setting; {s['n_probes']} probes for the curvature map). Baseline: held-out prompts' maps "
+          f"against every plant's mask. Chance: AUC 0.5, IoU {s['chance_iou']:.3f}.", ""]
+    md += _fmt_table(m["localization"], ["map", "step", "maps", "auc", "iou", "auc_copied", "auc_not_copied",
+                                         "auc_train_captions", "auc_heldout_captions", "auc_below_0.5",
+                                         "baseline_auc", "baseline_iou"])
+    weak = [r for r in m["localization"] if r["auc"] < r["baseline_auc"] + 0.1]
+    md += ["", "Where a map loses (mean AUC within 0.1 of its baseline): "
+           + ("; ".join(f"{r['map']} at step {r['step']} (AUC {r['auc']:.2f} vs {r['baseline_auc']:.2f})"
+                        for r in weak) or "nowhere") + ".", "",
+           f"Per plant at the paper's step ({PAPER_STEP[0]}):", ""]
+    md += _fmt_table([r for r in m["per_plant"] if r["step"] == PAPER_STEP[0]],
+                     ["map", "plant", "box", "copy_rate", "auc", "iou", "baseline_auc"])
+    md += ["", "Overlays (cyan: the pasted region), each map scaled by its own maximum:", "",
+           f"![maps_partial]({os.path.relpath(path, report_dir or out_dir)})", ""]
     return {"results": res, "markdown": md, "figures": [path]}

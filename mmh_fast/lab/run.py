@@ -128,18 +128,24 @@ def _write_parquet(path, columns: dict) -> None:
 
 def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, progress: bool = True,
             max_attribution: int | None = None, max_mitigation: int | None = None,
-            max_detection: int | None = None, config=None) -> dict:
+            max_detection: int | None = None, config=None, partial: bool = True, max_maps: int = 4) -> dict:
     """Everything ``mmh-fast lab`` does; returns the lab.json content.
 
     ``max_detection`` / ``max_attribution`` / ``max_mitigation`` cap the prompts
     of those sections (None: all). The detection cap keeps every planted prompt
     and an evenly spaced subset of the others; lab.json records the counts.
-    ``config``: a :class:`LabConfig` overriding ``size``'s recipe (as for :func:`build`)."""
+    ``config``: a :class:`LabConfig` overriding ``size``'s recipe (as for :func:`build`).
+
+    Memorization maps: overlays for ``max_maps`` verified-memorized planted prompts
+    (and two held-out ones); with ``partial`` the partial-copy variant
+    (:func:`mmh_fast.lab.partial.run_partial`, built or reused in ``out/partial``)
+    and its localisation table. When ``mmh_fast.lab.keyed`` provides ``run_keyed``,
+    the keyed (SolidMark) variant runs in ``out/keyed`` and its section joins the report."""
     import torch
 
     # a negative cap would slice prompts off the end of a list instead of failing
     for name, v in (("max_detection", max_detection), ("max_attribution", max_attribution),
-                    ("max_mitigation", max_mitigation)):
+                    ("max_mitigation", max_mitigation), ("max_maps", max_maps)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0):
             raise ValueError(f"{name} must be an integer >= 0 or None, got {v!r}")
     out = os.fspath(out)
@@ -232,15 +238,87 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
                          n=cfg.n_generations, seed=seed, predict=digit_classifier(seed)) if mem_idx else []
         res["mitigation"] = [{k: v for k, v in r.items() if k != "new_prompts"} | {"prompts": len(mem_idx)}
                              for r in mit]
+        _dump(out, res)
+
+        extra_md = _maps_section(out, res, pipe, prompts, labels, gt["planted"], cfg, seed, progress, max_maps)
+        _dump(out, res)
+        if partial:
+            _say(progress, "partial-copy lab (memorization maps' localisation)")
+            from .partial import run_partial
+
+            part = run_partial(os.path.join(out, "partial"), seed=seed, threads=threads, progress=progress,
+                               figures_dir=os.path.join(out, "figures"), report_dir=out)
+            res["maps"]["partial"] = part["results"]
+            extra_md += part["markdown"]
+            _dump(out, res)
+        extra_md += _keyed_section(out, res, size, seed, threads, progress)
         res["seconds_total"] = time.time() - t_all
-        _report(out, res, det, gt, kinds, mit)
+        _report(out, res, det, gt, kinds, mit, extra_md)
         _dump(out, res)
         return res
     finally:
         torch.set_num_threads(old)
 
 
-def _report(out, res, det, gt, kinds, mit) -> None:
+def _maps_section(out, res, pipe, prompts, labels, planted, cfg, seed, progress, max_maps) -> list:
+    """Overlays of both memorization maps for up to ``max_maps`` verified-memorized planted
+    prompts and two held-out ones; fills res["maps"] and returns the report lines."""
+    from .partial import maps_figure, whole_image_maps
+
+    mem = [i for i in range(len(prompts)) if labels[i] and planted[i]][:max_maps]
+    held = [i for i, p in enumerate(prompts) if p["kind"] == "heldout" and not labels[i]][:2]
+    sel = mem + held
+    res["maps"] = {"whole_image": []}
+    if not sel:
+        return []
+    _say(progress, f"memorization maps: {len(sel)} prompts")
+    t = time.time()
+    w = whole_image_maps(pipe, [prompts[i]["prompt"] for i in sel], guidance_scale=cfg.guidance_scale,
+                         num_inference_steps=cfg.num_inference_steps, seed=seed)
+    res["maps"]["whole_image"] = [{"prompt": prompts[i]["prompt"], "kind": prompts[i]["kind"],
+                                   "memorized": bool(labels[i]),
+                                   **{f"mean_{k}": w["mean"][k][j] for k in w["maps"]}} for j, i in enumerate(sel)]
+    res["maps"]["whole_image_seconds"] = time.time() - t
+    fig_dir = os.path.join(out, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    maps_figure(w["images"], w["maps"], [f"{prompts[i]['prompt']} ({prompts[i]['kind']})" for i in sel],
+                os.path.join(fig_dir, "maps_whole.png"))
+    return ["## Memorization maps", "",
+            "Per-pixel maps (mmh_fast.text.curvature_difference_map with 16 Hutchinson probes, and "
+            "score_difference_map) at the last step of one CFG DDIM trajectory per prompt (the lab's guidance and "
+            "steps), upsampled from the 4x4 latent grid to 16x16 pixels and drawn in red over the generation "
+            "(map_overlay; each map scaled by its own maximum). Verified-memorized planted prompts copy the whole "
+            "image, so their maps have no region to find; the two held-out prompts show the maps of prompts that "
+            "copy nothing.", "",
+            _table_md(res["maps"]["whole_image"], ["prompt", "kind", "memorized", "mean_curvature_difference",
+                                                   "mean_score_difference"]), "",
+            "![maps_whole](figures/maps_whole.png)", ""]
+
+
+def _keyed_section(out, res, size, seed, threads, progress) -> list:
+    """The keyed (SolidMark) variant when mmh_fast.lab.keyed provides run_keyed(out_dir, *, size, seed, threads,
+    progress) -> {"results", "markdown", "figures"}; nothing when the module or the function is absent."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(__package__ + ".keyed") is None:
+        return []
+    run_keyed = getattr(importlib.import_module(__package__ + ".keyed"), "run_keyed", None)
+    if run_keyed is None:
+        return []
+    _say(progress, "keyed (SolidMark) lab")
+    k = run_keyed(os.path.join(out, "keyed"), size=size, seed=seed, threads=threads, progress=progress)
+    res["keyed"] = k["results"]
+    figs = [os.path.relpath(os.path.abspath(p), os.path.abspath(out)) for p in k.get("figures", [])]
+    res["keyed_figures"] = figs
+    _dump(out, res)
+    md = list(k["markdown"])
+    text = "\n".join(md)
+    # figures the section does not link itself, linked from the report's directory
+    return md + [line for f in figs if os.path.basename(f) not in text for line in (f"![keyed]({f})", "")]
+
+
+def _report(out, res, det, gt, kinds, mit, extra_md=()) -> None:
     figs = {}
     fig_dir = os.path.join(out, "figures")
     os.makedirs(fig_dir, exist_ok=True)
@@ -292,6 +370,7 @@ def _report(out, res, det, gt, kinds, mit) -> None:
                                         "seconds_per_prompt"]), ""]
     if mit:
         md += ["![mitigation](figures/mitigation.png)", ""]
+    md += list(extra_md)
     text = "\n".join(md)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)
