@@ -362,7 +362,7 @@ def _report(out, res, det, gt, kinds, mit, extra_md=()) -> None:
           _table_md([{"kind": k, **v} for k, v in res["image_level"]["classes"].items()],
                     ["kind", "od_mem", "dd_mem", "none"]), "",
           "## Token attribution (trigger-token prompts)", "",
-          _table_md(res["attribution"], ["metric", "prompts", "top1", "top3", "seconds_per_prompt"]), "",
+          _table_md(res["attribution"], ["metric", "wrt", "prompts", "top1", "top3", "seconds_per_prompt"]), "",
           "## Mitigation (verified-memorized prompts)", "",
           "Alignment: a scikit-learn digit classifier (logistic regression on the 8x8 digits) predicts each "
           "generation's digit; the fraction matching the caption's digit word stands in for CLIP score.", "",
