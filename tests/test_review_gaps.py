@@ -197,3 +197,19 @@ def test_report_generations_stream_the_training_images(tmp_path, capsys, monkeyp
     # 12 readable images of 13 (n = min(50, 13) = 13 > 12: a second pass calibrates on the 12)
     assert max(chunks) <= 4 and sum(chunks) == 2 * 12
     assert any("1 training images could not be read" in n for n in notes)
+
+
+def test_lab_detection_marks_a_one_class_lab_undefined_instead_of_failing():
+    # roc_stats refuses one class; the lab's detection table (an untrained lab has no memorized
+    # prompt) keeps NaN there, by an explicit check at the call site, and the real AUC otherwise
+    from mmh_fast.cli.loader import load_model
+    from mmh_fast.lab.measure import detection
+
+    pipe = load_model("toy-sd", device=torch.device("cpu"), dtype=torch.float32).pipeline
+    prompts = ["a cat", "a dog", "a red car", "blue sky"]
+    kw = dict(guidance_scale=3.0, num_inference_steps=2, num_images=1, metrics=("cfg_norm_1",))
+    (row,) = detection(pipe, prompts, np.zeros(4, bool), **kw)
+    assert np.isnan(row["auc"]) and np.isnan(row["tpr_at_1fpr"])
+    labels = np.array([True, False, False, True])
+    (row,) = detection(pipe, prompts, labels, **kw)
+    assert row["auc"] == roc_stats(np.array(row["scores"]), labels)["auc"]

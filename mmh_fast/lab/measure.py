@@ -130,7 +130,11 @@ def detection(pipe, prompts: Sequence[str], labels, *, guidance_scale: float, nu
         else:
             raise ValueError(f"unknown detector {m!r}")
         s = sign * np.asarray(torch.as_tensor(s, dtype=torch.float64).cpu().numpy(), np.float64).reshape(P)
-        st = roc_stats(s, labels)
+        # a lab may hold no memorized (or only memorized) prompts, e.g. an untrained one: the AUC is
+        # undefined there and the table says so with NaN, decided here rather than inside roc_stats
+        one_class = not 0 < int(np.sum(labels)) < P
+        st = {"auc": float("nan"), "tpr_at_1fpr": float("nan"), "fpr": [], "tpr": []} if one_class else \
+            roc_stats(s, labels)
         rows.append({"detector": m, "what": what, "sign": sign, "auc": st["auc"], "tpr_at_1fpr": st["tpr_at_1fpr"],
                      "seconds_per_prompt": sec / P, "scores": s.tolist(), "fpr": st["fpr"], "tpr": st["tpr"]})
     return rows
