@@ -835,6 +835,7 @@ def _maps_grid(rows, name, title, path):
         b.set_title(f"generated from\n{_short(caption, 26)}", fontsize=7)
         c.imshow(over)
         c.set_title("memorization map\n(red = high)", fontsize=7)
+    fig.subplots_adjust(top=1 - 0.75 / fig.get_figheight())  # the title just above the first row
     fig.suptitle(_short(title, 160), fontsize=8, wrap=True)
     _save(fig, path)
 
