@@ -446,7 +446,7 @@ def test_run_lab_writes_its_tables_and_report(tmp_path, one_thread):
                   decoder_steps=2, num_inference_steps=2, n_generations=2)
     out = tmp_path / "lab"
     res = run_lab(out, size="quick", config=cfg, progress=False, max_detection=8, max_attribution=1,
-                  max_mitigation=1)
+                  max_mitigation=1, partial=False, keyed=False)  # the variants train models of their own
     gt = pq.read_table(out / "ground_truth.parquet").to_pydict()
     n_prompts = len(mlab.Lab(str(out), cfg, 0, "quick", res["build"]).prompts())
     assert len(gt["prompt"]) == n_prompts
@@ -462,6 +462,10 @@ def test_run_lab_writes_its_tables_and_report(tmp_path, one_thread):
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<img src='figures" not in html
     assert (out / "report.md").read_text().count("figures/") >= 2
+    # memorization maps of the verified-memorized planted prompts (at most 4) and two held-out ones
+    mem = sum(m and p for m, p in zip(gt["memorized"], gt["planted"]))
+    assert len(res["maps"]["whole_image"]) == min(mem, 4) + 2 and "partial" not in res["maps"]
+    assert "## Memorization maps" in (out / "report.md").read_text() and (out / "figures" / "maps_whole.png").exists()
     with open(out / "lab.json") as f:
         import json
 

@@ -227,3 +227,12 @@ def test_partial_lab_retrains(tmp_path):
     finally:
         torch.set_num_threads(n)
     _check_measurement(m)
+
+
+@pytest.mark.parametrize("bad", [dict(partial="yes"), dict(keyed=1)])
+def test_run_lab_switches_must_be_bool(tmp_path, bad):
+    from mmh_fast.lab import run_lab
+
+    with pytest.raises(TypeError, match=f"{next(iter(bad))} must be True or False"):
+        run_lab(tmp_path / "lab", size="quick", progress=False, **bad)
+    assert not (tmp_path / "lab").exists()  # refused before anything was built

@@ -29,6 +29,9 @@ def add_lab_parser(sub) -> None:
     p.add_argument("--no-partial", action="store_true",
                    help="skip the partial-copy variant (trained in DIR/partial: the memorization maps' "
                    "localisation against pasted regions)")
+    p.add_argument("--no-keyed", action="store_true",
+                   help="skip the keyed (SolidMark) variant (trained in DIR/keyed when mmh_fast.lab.keyed "
+                   "provides it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_lab)
 
@@ -38,5 +41,6 @@ def _cmd_lab(args) -> int:
 
     run_lab(args.out, size="quick" if args.quick else "full", seed=args.seed, threads=args.threads,
             progress=not args.quiet, max_detection=args.max_detection, max_attribution=args.max_attribution,
-            max_mitigation=args.max_mitigation, partial=not args.no_partial)
+            max_mitigation=args.max_mitigation, partial=not args.no_partial,
+            keyed=not args.no_keyed)
     return 0

@@ -128,7 +128,8 @@ def _write_parquet(path, columns: dict) -> None:
 
 def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, progress: bool = True,
             max_attribution: int | None = None, max_mitigation: int | None = None,
-            max_detection: int | None = None, config=None, partial: bool = True, max_maps: int = 4) -> dict:
+            max_detection: int | None = None, config=None, partial: bool = True, keyed: bool = True,
+            max_maps: int = 4) -> dict:
     """Everything ``mmh-fast lab`` does; returns the lab.json content.
 
     ``max_detection`` / ``max_attribution`` / ``max_mitigation`` cap the prompts
@@ -139,8 +140,9 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
     Memorization maps: overlays for ``max_maps`` verified-memorized planted prompts
     (and two held-out ones); with ``partial`` the partial-copy variant
     (:func:`mmh_fast.lab.partial.run_partial`, built or reused in ``out/partial``)
-    and its localisation table. When ``mmh_fast.lab.keyed`` provides ``run_keyed``,
-    the keyed (SolidMark) variant runs in ``out/keyed`` and its section joins the report."""
+    and its localisation table. With ``keyed``, when ``mmh_fast.lab.keyed`` provides
+    ``run_keyed``, the keyed (SolidMark) variant runs in ``out/keyed`` and its section
+    joins the report. Both variants train their own model the first time (minutes)."""
     import torch
 
     # a negative cap would slice prompts off the end of a list instead of failing
@@ -148,6 +150,9 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
                     ("max_mitigation", max_mitigation), ("max_maps", max_maps)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0):
             raise ValueError(f"{name} must be an integer >= 0 or None, got {v!r}")
+    for name, v in (("partial", partial), ("keyed", keyed)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be True or False, got {v!r}")
     out = os.fspath(out)
     t_all = time.time()
     lab = build(out, size=size, seed=seed, threads=threads, progress=progress, config=config)
@@ -251,7 +256,8 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
             res["maps"]["partial"] = part["results"]
             extra_md += part["markdown"]
             _dump(out, res)
-        extra_md += _keyed_section(out, res, size, seed, threads, progress)
+        if keyed:
+            extra_md += _keyed_section(out, res, size, seed, threads, progress)
         res["seconds_total"] = time.time() - t_all
         _report(out, res, det, gt, kinds, mit, extra_md)
         _dump(out, res)
