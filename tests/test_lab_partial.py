@@ -236,3 +236,19 @@ def test_run_lab_switches_must_be_bool(tmp_path, bad):
     with pytest.raises(TypeError, match=f"{next(iter(bad))} must be True or False"):
         run_lab(tmp_path / "lab", size="quick", progress=False, **bad)
     assert not (tmp_path / "lab").exists()  # refused before anything was built
+
+
+@pytest.mark.parametrize("bad, match", [(dict(n=0), "n must be an integer >= 1"),
+                                        (dict(max_baseline=1.5), "max_baseline must be an integer"),
+                                        (dict(steps=()), "steps must be a non-empty sequence"),
+                                        (dict(steps=(4.0,)), "steps must be a non-empty sequence")])
+def test_measure_partial_rejects_bad_arguments(partial_lab, bad, match):
+    lab, pipe = partial_lab
+    with pytest.raises(ValueError, match=match):
+        measure_partial(lab, pipe, **bad)
+
+
+def test_measure_partial_needs_a_partial_lab(tmp_path):
+    quick = mlab.load_checkpoint(QUICK_CKPT, tmp_path / "quick")
+    with pytest.raises(ValueError, match="no partial prompts"):
+        measure_partial(quick, n=1)

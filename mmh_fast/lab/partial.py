@@ -295,14 +295,18 @@ def measure_partial(lab: Lab, pipe=None, *, n: int | None = None, n_probes: int 
     from ..text import curvature_difference_map, generate, map_localization, score_difference_map
 
     cfg = lab.config
+    for name, v in (("n", n), ("n_probes", n_probes), ("max_baseline", max_baseline)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     n = cfg.n_generations if n is None else int(n)
+    if isinstance(steps, (str, bytes)) or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+                                                  for s in steps) or not len(steps):
+        raise ValueError(f"steps must be a non-empty sequence of DDIM step indices (ints), got {steps!r}")
     steps = [int(s) for s in steps]
-    if not steps:
-        raise ValueError("steps must name at least one DDIM step index")
-    pipe = pipe or lab.load_pipeline()
     prompts, part, held = _partial_tables(lab)
     if not part:
         raise ValueError("lab has no partial prompts (build it with build_partial)")
+    pipe = pipe or lab.load_pipeline()
     train_rows = lab.train()
     train_images = lab.train_images()
     boxes, patches = _plants(lab, train_rows, train_images)
