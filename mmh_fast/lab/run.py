@@ -276,7 +276,7 @@ def _maps_section(out, res, pipe, prompts, labels, planted, cfg, seed, progress,
     sel = mem + held
     res["maps"] = {"whole_image": []}
     if not sel:
-        return []
+        return ["## Memorization maps", "", "No verified-memorized planted or held-out prompt to draw.", ""]
     _say(progress, f"memorization maps: {len(sel)} prompts")
     t = time.time()
     w = whole_image_maps(pipe, [prompts[i]["prompt"] for i in sel], guidance_scale=cfg.guidance_scale,
