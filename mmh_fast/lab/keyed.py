@@ -336,6 +336,15 @@ def run_keyed(out_dir, *, size: str = "quick", seed: int = 0, threads: int | Non
     Writes ``keyed.json`` and ``keyed_lsm.png``; a second call with the same
     arguments returns them without recomputing.
 
+    Args:
+        size: "quick" (the measured variant, README) or "full" (the same
+            construction on the full recipe: every digit, 5,000 UNet steps; not
+            run yet, expect several times the quick variant's time).
+        mitigations: names among :data:`MITIGATIONS`, "gni:<scale>" and
+            "mitigate:<rephraser>" (:data:`mmh_fast.text.REPHRASERS`).
+        max_not_memorized: generic images inpainted beside the planted ones.
+        opt_iters: AdamW steps of ``optimize_prompt_embedding``.
+
     Returns:
         {"results": JSON-able dict, "markdown": [report lines], "figures": [PNG paths]}.
     """
@@ -420,7 +429,10 @@ def run_keyed(out_dir, *, size: str = "quick", seed: int = 0, threads: int | Non
         md += markdown_table(rows, ["memorized", "not memorized"])
         md += ["", "Planted kinds beside:", ""]
         md += markdown_table(rows, ["planted dd", "planted od", "generic"])
-        figs = [_figure(l_sm["none"], {"memorized": mem, "not memorized": ~mem}, fig_path)] if "none" in l_sm else []
+        # the planted images generation does not copy apart from the generic ones: SolidMark may still find them
+        planted = np.isin(kinds[sel], ["dd", "od"])
+        figs = [_figure(l_sm["none"], {"memorized": mem, "planted, not copied": planted & ~mem,
+                                       "generic, not copied": ~planted & ~mem}, fig_path)] if "none" in l_sm else []
         tmp = res_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"results": results, "markdown": md}, f, indent=1, default=float)
