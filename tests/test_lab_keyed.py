@@ -196,3 +196,15 @@ def test_run_keyed_end_to_end_and_reuse(keyed_lab, monkeypatch):
     monkeypatch.setattr(solidmark, "evaluate", lambda *a, **k: pytest.fail("run_keyed recomputed"))
     again = K.run_keyed(lab.out_dir, **kw)
     assert again["results"] == res and again["markdown"] == out["markdown"]
+
+
+def test_run_keyed_rejects_bad_arguments_before_training(tmp_path):
+    assert K.check_mitigations(("none", "gni:0.5", "mitigate:drop")) == ["none", "gni:0.5", "mitigate:drop"]
+    for bad in (["gni:x"], ["gni:-1"], ["gni:inf"], ["mitigate:nope"], ["sail"], ["none", "none"]):
+        with pytest.raises(ValueError, match="mitigations"):
+            K.run_keyed(tmp_path / "k", mitigations=bad, progress=False)
+    with pytest.raises(ValueError, match="max_not_memorized"):
+        K.run_keyed(tmp_path / "k", max_not_memorized=-1, progress=False)
+    with pytest.raises(ValueError, match="size"):
+        K.build_keyed(tmp_path / "k", size="tiny", progress=False)
+    assert not (tmp_path / "k").exists()

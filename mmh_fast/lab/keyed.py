@@ -233,6 +233,30 @@ MITIGATIONS = ("none",) + tuple(f"gni:{s:g}" for s in GNI_SCALES) + ("rta", "cwr
                                                                      "optimize_prompt_embedding")
 
 
+def check_mitigations(mitigations) -> list[str]:
+    """The mitigation names as a list; ValueError naming ``mitigations`` and the accepted forms
+    on an unknown name (checked before any training or inpainting)."""
+    from ..text import REPHRASERS
+
+    if isinstance(mitigations, str):
+        mitigations = [mitigations]
+    out = list(mitigations)
+    for m in out:
+        ok = m in ("none", "rta", "cwr", "rna", "optimize_prompt_embedding") or \
+            (isinstance(m, str) and m.startswith("mitigate:") and m.split(":", 1)[1] in REPHRASERS)
+        if isinstance(m, str) and m.startswith("gni:"):
+            try:
+                ok = 0 <= float(m[4:]) < float("inf")
+            except ValueError:
+                ok = False
+        if not ok:
+            raise ValueError(f"mitigations: unknown entry {m!r}; expected 'none', 'gni:<scale >= 0>', 'rta', 'cwr', "
+                             f"'rna', 'optimize_prompt_embedding' or 'mitigate:<one of {', '.join(REPHRASERS)}>'")
+    if len(set(out)) != len(out):
+        raise ValueError(f"mitigations: each name once, got {out}")
+    return out
+
+
 def eidetic_rows(l_sm: dict, groups: dict, *, deltas=DELTAS) -> list[dict]:
     """One row per (mitigation, group, delta): :func:`mmh_fast.solidmark.eidetic_table` of the
     group's l_SM (``l_sm``: mitigation -> [N]; ``groups``: name -> [N] bool) with the chance level."""
@@ -356,7 +380,7 @@ def run_keyed(out_dir, *, size: str = "quick", seed: int = 0, threads: int | Non
 
     from ..solidmark import evaluate
 
-    mitigations = list(mitigations)
+    mitigations = check_mitigations(mitigations)
     if isinstance(max_not_memorized, bool) or not isinstance(max_not_memorized, (int, np.integer)) \
             or max_not_memorized < 0:
         raise ValueError(f"max_not_memorized must be an integer >= 0, got {max_not_memorized!r}")
