@@ -167,7 +167,7 @@ def test_solidmark_separates_memorized_images_on_the_keyed_lab(keyed_lab):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("MMH_FAST_LAB_RETRAIN") != "1",
-                    reason="retrains the keyed lab from scratch (~16 min on the shared 2-core machine); "
+                    reason="retrains the keyed lab from scratch (8 to 16 min on the shared 2-core machine); "
                            "set MMH_FAST_LAB_RETRAIN=1")
 def test_keyed_lab_retrains(tmp_path):
     lab = K.build_keyed(tmp_path / "lab", size="quick", seed=0, progress=False)
