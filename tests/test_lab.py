@@ -433,7 +433,7 @@ def test_checkpoint_round_trip_keeps_the_weights_to_float16(tmp_path, one_thread
     assert b.vae.config.scaling_factor == a.vae.config.scaling_factor
 
 
-def test_run_lab_writes_its_tables_and_report(tmp_path, one_thread):
+def test_run_lab_writes_its_tables_and_report(tmp_path, one_thread, monkeypatch):
     """The glue of `mmh-fast lab` on an untrained tiny lab: tables, lab.json and a self-contained report."""
     from dataclasses import replace
 
@@ -470,3 +470,28 @@ def test_run_lab_writes_its_tables_and_report(tmp_path, one_thread):
         import json
 
         assert json.load(f)["ground_truth"] == json.loads(json.dumps(g))
+
+    # a rerun resumes: every finished section with the same settings is read back, none measured again
+    import mmh_fast.lab.run as lab_run
+
+    def measured(*a, **k):
+        raise AssertionError("a reused section was measured again")
+
+    for name in ("verify", "detection", "image_level", "attribution", "mitigation"):
+        monkeypatch.setattr(lab_run, name, measured)
+    again = run_lab(out, size="quick", config=cfg, progress=False, max_detection=8, max_attribution=1,
+                    max_mitigation=1, partial=False, keyed=False)
+    assert again["reused"] == ["ground_truth", "detection", "image_level", "attribution", "mitigation"]
+    for sec in again["reused"]:
+        assert json.loads(json.dumps(again[sec], default=float)) == json.loads(json.dumps(res[sec], default=float))
+    assert "## Prompt-level detection" in (out / "report.md").read_text()
+    # a changed cap measures that section and the ones after it again, nothing before it
+    monkeypatch.setattr(lab_run, "mitigation", mitigation)  # (not called here: the untrained lab copies nothing)
+    third = run_lab(out, size="quick", config=cfg, progress=False, max_detection=8, max_attribution=1,
+                    max_mitigation=2, partial=False, keyed=False)
+    assert third["reused"] == ["ground_truth", "detection", "image_level", "attribution"]
+    assert third["settings"]["mitigation"] == {"max_mitigation": 2}
+    # fresh=True reuses nothing
+    with pytest.raises(AssertionError, match="measured again"):
+        run_lab(out, size="quick", config=cfg, progress=False, max_detection=8, max_attribution=1,
+                max_mitigation=2, partial=False, keyed=False, fresh=True)

@@ -15,7 +15,8 @@ def add_lab_parser(sub) -> None:
         "planted DD-Mem and OD-Mem (mmh_fast.lab.build), verify which prompts really copy a training\n"
         "image by generating from them (calibrated l2 < 1/3), then measure the detectors, the token\n"
         "attributions and the mitigations against that verified label. Writes DIR/lab.json, Parquet\n"
-        "tables, DIR/report.md and DIR/report.html (figures as PNG).")
+        "tables, DIR/report.md and DIR/report.html (figures as PNG). A rerun resumes: finished sections\n"
+        "with the same settings are read back from DIR/lab.json (--fresh measures them again).")
     p.add_argument("--out", required=True, metavar="DIR", help="the lab directory (reused when it exists)")
     p.add_argument("--quick", action="store_true", help="the small lab the tests use")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the stream (default: 0)")
@@ -32,6 +33,9 @@ def add_lab_parser(sub) -> None:
     p.add_argument("--no-keyed", action="store_true",
                    help="skip the keyed (SolidMark) variant (trained in DIR/keyed when mmh_fast.lab.keyed "
                    "provides it)")
+    p.add_argument("--fresh", action="store_true",
+                   help="measure every section again (default: a rerun on the same built lab reuses the finished "
+                   "sections of DIR/lab.json whose settings match, so an interrupted run resumes)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_lab)
 
@@ -42,5 +46,5 @@ def _cmd_lab(args) -> int:
     run_lab(args.out, size="quick" if args.quick else "full", seed=args.seed, threads=args.threads,
             progress=not args.quiet, max_detection=args.max_detection, max_attribution=args.max_attribution,
             max_mitigation=args.max_mitigation, partial=not args.no_partial,
-            keyed=not args.no_keyed)
+            keyed=not args.no_keyed, fresh=args.fresh)
     return 0

@@ -52,11 +52,14 @@ def _timed(fn: Callable):
     return out, time.perf_counter() - t
 
 
+# the rows of the lab's detection table, in order
+DETECTORS = ("cfg_norm_1", "cfg_norm_traj", "A_cfg", "A_score", "A_flipd", "flipd_gen_cond", "flipd_gen_uncond",
+             "sharpness", "norm_alignment", "attention_entropy")
+
+
 def detection(pipe, prompts: Sequence[str], labels, *, guidance_scale: float, num_inference_steps: int,
               num_images: int = 4, seed: int = 0, t0: float = 0.05, generations: np.ndarray | None = None,
-              metrics: Sequence[str] = ("cfg_norm_1", "cfg_norm_traj", "A_cfg", "A_score", "A_flipd",
-                                        "flipd_gen_cond", "flipd_gen_uncond", "sharpness", "norm_alignment",
-                                        "attention_entropy")) -> list[dict]:
+              metrics: Sequence[str] = DETECTORS) -> list[dict]:
     """The prompt-level detection table: one row per detector with ``auc``,
     ``tpr_at_1fpr``, ``seconds_per_prompt`` (wall time of the detector alone)
     and the per-prompt ``scores`` (high = memorized).

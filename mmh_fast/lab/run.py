@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from .build import build
-from .measure import attribution, detection, digit_classifier, image_level, mitigation, roc_stats
+from .measure import DETECTORS, attribution, detection, digit_classifier, image_level, mitigation, roc_stats
 from .truth import COPY_THRESHOLD, ground_truth
 
 
@@ -129,7 +129,7 @@ def _write_parquet(path, columns: dict) -> None:
 def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, progress: bool = True,
             max_attribution: int | None = None, max_mitigation: int | None = None,
             max_detection: int | None = None, config=None, partial: bool = True, keyed: bool = True,
-            max_maps: int = 4) -> dict:
+            max_maps: int = 4, fresh: bool = False) -> dict:
     """Everything ``mmh-fast lab`` does; returns the lab.json content.
 
     ``max_detection`` / ``max_attribution`` / ``max_mitigation`` cap the prompts
@@ -142,7 +142,15 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
     (:func:`mmh_fast.lab.partial.run_partial`, built or reused in ``out/partial``)
     and its localisation table. With ``keyed``, when ``mmh_fast.lab.keyed`` provides
     ``run_keyed``, the keyed (SolidMark) variant runs in ``out/keyed`` and its section
-    joins the report. Both variants train their own model the first time (minutes)."""
+    joins the report. Both variants train their own model the first time (minutes).
+
+    Resuming: lab.json records each section's settings. A second run on the same
+    built lab (same size, seed, recipe and build record) reuses the finished
+    sections -- ground truth, detection, image level, attribution, mitigation, in
+    that order -- from lab.json and the Parquet tables, up to the first whose
+    settings (caps, detector list) differ or that did not finish; that section
+    and every later one are measured again. ``fresh=True`` measures everything
+    again. lab.json lists the reused sections under "reused"."""
     import torch
 
     # a negative cap would slice prompts off the end of a list instead of failing
@@ -150,7 +158,7 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
                     ("max_mitigation", max_mitigation), ("max_maps", max_maps)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0):
             raise ValueError(f"{name} must be an integer >= 0 or None, got {v!r}")
-    for name, v in (("partial", partial), ("keyed", keyed)):
+    for name, v in (("partial", partial), ("keyed", keyed), ("fresh", fresh)):
         if not isinstance(v, bool):
             raise TypeError(f"{name} must be True or False, got {v!r}")
     out = os.fspath(out)
@@ -168,82 +176,109 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
         res = {"size": size, "seed": seed, "config": cfg.to_dict(), "build": lab.record}
         kinds = np.array([p["kind"] for p in prompts])
         texts = [p["prompt"] for p in prompts]
-
-        _say(progress, f"ground truth: {len(texts)} prompts x {cfg.n_generations} generations")
-        t = time.time()
-        gt = verify(lab, pipe, prompts=prompts, train_images=train_images, return_images=True)
-        res["ground_truth"] = {**gt["summary"], "seconds": time.time() - t, "threshold": COPY_THRESHOLD,
-                               "guidance_scale": cfg.guidance_scale, "num_inference_steps": cfg.num_inference_steps,
-                               "n_generations": cfg.n_generations}
         keys = [r["key"] for r in train_rows]
-        _write_parquet(os.path.join(out, "ground_truth.parquet"), {
-            "prompt": texts, "kind": kinds.tolist(), "planted": gt["planted"].tolist(),
-            "memorized": gt["memorized"].tolist(), "min_l2": gt["min_l2"].tolist(),
-            "copy_rate": gt["copy_rate"].tolist(), "nearest_key": [keys[i] for i in gt["nearest"]]})
+        settings = {"ground_truth": {}, "detection": {"max_detection": max_detection, "metrics": list(DETECTORS)},
+                    "image_level": {}, "attribution": {"max_attribution": max_attribution},
+                    "mitigation": {"max_mitigation": max_mitigation}}
+        res["settings"] = settings
+        res["reused"] = []
+        resume = _Resume(out, None if fresh else _previous(out, res), settings)
+
+        gt = resume.ground_truth(kinds, keys)
+        if gt is None:
+            _say(progress, f"ground truth: {len(texts)} prompts x {cfg.n_generations} generations")
+            t = time.time()
+            gt = verify(lab, pipe, prompts=prompts, train_images=train_images, return_images=True)
+            res["ground_truth"] = {**gt["summary"], "seconds": time.time() - t, "threshold": COPY_THRESHOLD,
+                                   "guidance_scale": cfg.guidance_scale,
+                                   "num_inference_steps": cfg.num_inference_steps,
+                                   "n_generations": cfg.n_generations}
+            _write_parquet(os.path.join(out, "ground_truth.parquet"), {
+                "prompt": texts, "kind": kinds.tolist(), "planted": gt["planted"].tolist(),
+                "memorized": gt["memorized"].tolist(), "min_l2": gt["min_l2"].tolist(),
+                "copy_rate": gt["copy_rate"].tolist(), "nearest_key": [keys[i] for i in gt["nearest"]]})
+        else:
+            res["ground_truth"] = resume.section("ground_truth", res)
         _say(progress, f"ground truth: {json.dumps(gt['summary'])}")
         labels = gt["memorized"]
         _dump(out, res)
 
-        _say(progress, "detection")
-        sel = np.arange(len(texts))
-        if max_detection is not None and max_detection < len(texts):
-            rest = np.flatnonzero(~gt["planted"])
-            keep = max(0, max_detection - int(gt["planted"].sum()))
-            sel = np.sort(np.concatenate([np.flatnonzero(gt["planted"]),
-                                          rest[np.linspace(0, len(rest) - 1, keep).astype(int)] if keep else []])
-                          ).astype(int)
-        det = detection(pipe, [texts[i] for i in sel], labels[sel], guidance_scale=cfg.guidance_scale,
-                        num_inference_steps=cfg.num_inference_steps, num_images=cfg.n_generations, seed=seed,
-                        generations=gt["images"][sel])
-        for r in det:
-            r["auc_vs_planted"] = roc_stats(r["scores"], gt["planted"][sel])["auc"]
-            r["prompts"] = len(sel)
-            r["memorized_prompts"] = int(labels[sel].sum())
-        res["detection"] = [{k: v for k, v in r.items() if k not in ("scores", "fpr", "tpr")} for r in det]
-        _dump(out, res)
-        _write_parquet(os.path.join(out, "detection.parquet"),
-                       {"prompt": [texts[i] for i in sel], "memorized": labels[sel].tolist(),
-                        "planted": gt["planted"][sel].tolist(),
-                        **{r["detector"]: r["scores"] for r in det}})
-
-        _say(progress, "image level")
-        tkinds = [r["kind"] for r in train_rows]
-        il = image_level(pipe, train_images, [r["caption"] for r in train_rows], tkinds,
-                         [r["dataset_count"] for r in train_rows], seed=seed)
-        tk = np.array(tkinds)
-        res["image_level"] = {"auc_planted_vs_generic": il["auc"], "seconds": il["seconds"], "lpca_k": il["lpca_k"],
-                              "class_error": il["class_error"],
-                              "classes": {k: {c: int(((tk == k) & (np.array(il["class"]) == c)).sum())
-                                              for c in ("od_mem", "dd_mem", "none")}
-                                          for k in ("dd", "od", "generic")},
-                              "median": {k: {name: float(np.median(il[name][tk == k]))
-                                             for name in ("flipd_cond", "flipd_uncond", "cfg_norm_train",
-                                                          "lid_star", "png")} for k in ("dd", "od", "generic")}}
-        _write_parquet(os.path.join(out, "images.parquet"), {
-            "key": keys, "kind": tkinds, **{n: il[n].tolist() for n in ("flipd_cond", "flipd_uncond",
-                                                                        "cfg_norm_train", "lid_star", "png")},
-            "class": il["class"]})
+        det = resume.detection(labels)
+        if det is None:
+            _say(progress, "detection")
+            sel = np.arange(len(texts))
+            if max_detection is not None and max_detection < len(texts):
+                rest = np.flatnonzero(~gt["planted"])
+                keep = max(0, max_detection - int(gt["planted"].sum()))
+                sel = np.sort(np.concatenate([np.flatnonzero(gt["planted"]),
+                                              rest[np.linspace(0, len(rest) - 1, keep).astype(int)] if keep else []])
+                              ).astype(int)
+            det = detection(pipe, [texts[i] for i in sel], labels[sel], guidance_scale=cfg.guidance_scale,
+                            num_inference_steps=cfg.num_inference_steps, num_images=cfg.n_generations, seed=seed,
+                            generations=gt["images"][sel])
+            for r in det:
+                r["auc_vs_planted"] = roc_stats(r["scores"], gt["planted"][sel])["auc"]
+                r["prompts"] = len(sel)
+                r["memorized_prompts"] = int(labels[sel].sum())
+            res["detection"] = [{k: v for k, v in r.items() if k not in ("scores", "fpr", "tpr")} for r in det]
+            _write_parquet(os.path.join(out, "detection.parquet"),
+                           {"prompt": [texts[i] for i in sel], "memorized": labels[sel].tolist(),
+                            "planted": gt["planted"][sel].tolist(),
+                            **{r["detector"]: r["scores"] for r in det}})
+        else:
+            res["detection"] = resume.section("detection", res)
         _dump(out, res)
 
-        _say(progress, "attribution")
-        trig = [(p["prompt"], p["trigger"]) for p, m in zip(prompts, labels) if p["trigger"] and m]
-        if max_attribution is not None:
-            trig = trig[:max_attribution]
-        att = attribution(pipe, [a for a, _ in trig], [b for _, b in trig], guidance_scale=cfg.guidance_scale,
-                          num_inference_steps=cfg.num_inference_steps, seed=seed) if trig else []
-        res["attribution"] = [{**r, "prompts": len(trig)} for r in att]
+        if resume.reuse("image_level"):
+            res["image_level"] = resume.section("image_level", res)
+        else:
+            _say(progress, "image level")
+            tkinds = [r["kind"] for r in train_rows]
+            il = image_level(pipe, train_images, [r["caption"] for r in train_rows], tkinds,
+                             [r["dataset_count"] for r in train_rows], seed=seed)
+            tk = np.array(tkinds)
+            res["image_level"] = {
+                "auc_planted_vs_generic": il["auc"], "seconds": il["seconds"], "lpca_k": il["lpca_k"],
+                "class_error": il["class_error"],
+                "classes": {k: {c: int(((tk == k) & (np.array(il["class"]) == c)).sum())
+                                for c in ("od_mem", "dd_mem", "none")} for k in ("dd", "od", "generic")},
+                "median": {k: {name: float(np.median(il[name][tk == k]))
+                               for name in ("flipd_cond", "flipd_uncond", "cfg_norm_train", "lid_star", "png")}
+                           for k in ("dd", "od", "generic")}}
+            _write_parquet(os.path.join(out, "images.parquet"), {
+                "key": keys, "kind": tkinds, **{n: il[n].tolist() for n in ("flipd_cond", "flipd_uncond",
+                                                                            "cfg_norm_train", "lid_star", "png")},
+                "class": il["class"]})
         _dump(out, res)
 
-        _say(progress, "mitigation")
-        mem_idx = [i for i in range(len(prompts)) if labels[i]]
-        if max_mitigation is not None:
-            mem_idx = mem_idx[:max_mitigation]
-        mit = mitigation(pipe, [texts[i] for i in mem_idx], [prompts[i]["digit"] for i in mem_idx], train_images,
-                         guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps,
-                         n=cfg.n_generations, seed=seed, predict=digit_classifier(seed)) if mem_idx else []
-        res["mitigation"] = [{k: v for k, v in r.items() if k != "new_prompts"} | {"prompts": len(mem_idx)}
-                             for r in mit]
+        if resume.reuse("attribution"):
+            res["attribution"] = resume.section("attribution", res)
+        else:
+            _say(progress, "attribution")
+            trig = [(p["prompt"], p["trigger"]) for p, m in zip(prompts, labels) if p["trigger"] and m]
+            if max_attribution is not None:
+                trig = trig[:max_attribution]
+            att = attribution(pipe, [a for a, _ in trig], [b for _, b in trig], guidance_scale=cfg.guidance_scale,
+                              num_inference_steps=cfg.num_inference_steps, seed=seed) if trig else []
+            res["attribution"] = [{**r, "prompts": len(trig)} for r in att]
         _dump(out, res)
+
+        if resume.reuse("mitigation"):
+            res["mitigation"] = mit = resume.section("mitigation", res)
+        else:
+            _say(progress, "mitigation")
+            mem_idx = [i for i in range(len(prompts)) if labels[i]]
+            if max_mitigation is not None:
+                mem_idx = mem_idx[:max_mitigation]
+            mit = mitigation(pipe, [texts[i] for i in mem_idx], [prompts[i]["digit"] for i in mem_idx],
+                             train_images, guidance_scale=cfg.guidance_scale,
+                             num_inference_steps=cfg.num_inference_steps, n=cfg.n_generations, seed=seed,
+                             predict=digit_classifier(seed)) if mem_idx else []
+            res["mitigation"] = [{k: v for k, v in r.items() if k != "new_prompts"} | {"prompts": len(mem_idx)}
+                                 for r in mit]
+        _dump(out, res)
+        if res["reused"]:
+            _say(progress, f"reused from {os.path.join(out, 'lab.json')}: {', '.join(res['reused'])}")
 
         extra_md = _maps_section(out, res, pipe, prompts, labels, gt["planted"], cfg, seed, progress, max_maps)
         _dump(out, res)
@@ -264,6 +299,76 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
         return res
     finally:
         torch.set_num_threads(old)
+
+
+def _previous(out: str, header: dict) -> dict | None:
+    """lab.json of an earlier run on the same built lab (size, seed, recipe, build record), else None."""
+    path = os.path.join(out, "lab.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            prev = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = json.loads(json.dumps({k: header[k] for k in ("size", "seed", "config", "build")}, default=float))
+    return prev if {k: prev.get(k) for k in same} == same else None
+
+
+class _Resume:
+    """Which sections of an earlier run are reused: a prefix of SECTIONS, each finished
+    (in lab.json, its tables on disk) with the same settings as now."""
+
+    def __init__(self, out: str, prev: dict | None, settings: dict):
+        self.out, self.prev, self.settings = out, prev, settings
+        self.ok = True  # False from the first section that is measured again
+
+    def reuse(self, name: str) -> bool:
+        p = self.prev
+        files = {"ground_truth": "ground_truth.parquet", "detection": "detection.parquet",
+                 "image_level": "images.parquet"}.get(name)
+        self.ok = bool(self.ok and p is not None and name in p
+                       and p.get("settings", {}).get(name) == json.loads(json.dumps(self.settings[name]))
+                       and (files is None or os.path.exists(os.path.join(self.out, files))))
+        return self.ok
+
+    def section(self, name: str, res: dict):
+        res["reused"].append(name)
+        return self.prev[name]
+
+    def ground_truth(self, kinds: np.ndarray, keys: list) -> dict | None:
+        """The ground-truth arrays from ground_truth.parquet (without the generations, which only
+        detection uses; detection is then reused too or ground truth is measured again)."""
+        if not (self.reuse("ground_truth") and self.prev.get("detection") is not None):
+            self.ok = False
+            return None
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(os.path.join(self.out, "ground_truth.parquet")).to_pydict()
+        if len(t["prompt"]) != len(kinds):
+            self.ok = False
+            return None
+        at = {k: i for i, k in enumerate(keys)}
+        return {"memorized": np.asarray(t["memorized"], bool), "planted": np.asarray(t["planted"], bool),
+                "min_l2": np.asarray(t["min_l2"], np.float64), "copy_rate": np.asarray(t["copy_rate"], np.float64),
+                "nearest": np.asarray([at[k] for k in t["nearest_key"]]), "summary": {
+                    k: v for k, v in self.prev["ground_truth"].items()
+                    if k in ("planted", "planted_memorized", "not_planted", "not_planted_not_memorized", "by_kind")}}
+
+    def detection(self, labels: np.ndarray) -> list | None:
+        """The detection rows with their per-prompt scores (detection.parquet) and ROC points."""
+        if not self.reuse("detection"):
+            return None
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(os.path.join(self.out, "detection.parquet")).to_pydict()
+        rows = []
+        for r in self.prev["detection"]:
+            s = np.asarray(t[r["detector"]], np.float64)
+            y = np.asarray(t["memorized"], bool)
+            st = roc_stats(s, y) if 0 < y.sum() < y.size else {"fpr": [], "tpr": []}
+            rows.append({**r, "scores": s.tolist(), "fpr": st["fpr"], "tpr": st["tpr"]})
+        return rows
 
 
 def _maps_section(out, res, pipe, prompts, labels, planted, cfg, seed, progress, max_maps) -> list:
