@@ -25,10 +25,11 @@ class LabConfig:
     generic images (None: all the remaining digits). Images ``image_size``^2,
     VAE latents 4 x (image_size / 4)^2.
 
-    The "quick" recipe is the one measured (README, Memorization lab). The
-    "full" defaults scale it to all the digits, 50 DD and 20 OD plants and
-    5,000 steps (about as many draws per planted image); they have not been
-    trained in full yet.
+    The "quick" recipe is the tests' (README, Memorization lab). The "full"
+    defaults scale it to all the digits, 50 DD and 20 OD plants and 5,000
+    steps (about as many draws per planted image): measured in the README
+    (26 min of training on 1 thread here; 47/70 plants verified memorized,
+    0/300 others).
     """
 
     n_dd: int = 50
