@@ -485,6 +485,7 @@ def test_run_lab_writes_its_tables_and_report(tmp_path, one_thread, monkeypatch)
     for sec in again["reused"]:
         assert json.loads(json.dumps(again[sec], default=float)) == json.loads(json.dumps(res[sec], default=float))
     assert "## Prompt-level detection" in (out / "report.md").read_text()
+    assert "read back from an earlier run: ground_truth, detection" in (out / "report.md").read_text()
     # a changed cap measures that section and the ones after it again, nothing before it
     monkeypatch.setattr(lab_run, "mitigation", mitigation)  # (not called here: the untrained lab copies nothing)
     third = run_lab(out, size="quick", config=cfg, progress=False, max_detection=8, max_attribution=1,

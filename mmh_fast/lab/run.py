@@ -443,7 +443,9 @@ def _report(out, res, det, gt, kinds, mit, extra_md=()) -> None:
     g = res["ground_truth"]
     md = [f"# Memorization lab ({res['size']}, seed {res['seed']})", "",
           f"Build: {res['build'].get('seconds', {}).get('total', float('nan')):.0f} s of training; "
-          f"whole run {res['seconds_total']:.0f} s.", "",
+          f"whole run {res['seconds_total']:.0f} s"
+          + (f" (read back from an earlier run: {', '.join(res['reused'])}; their seconds are that run's)."
+             if res.get("reused") else "."), "",
           "## Ground truth by generation", "",
           f"{g['n_generations']} generations per prompt (guidance {g['guidance_scale']}, "
           f"{g['num_inference_steps']} DDIM steps); memorized = some generation has calibrated l2 < 1/3.", "",
