@@ -31,8 +31,8 @@ def add_lab_parser(sub) -> None:
                    help="skip the partial-copy variant (trained in DIR/partial: the memorization maps' "
                    "localisation against pasted regions)")
     p.add_argument("--no-keyed", action="store_true",
-                   help="skip the keyed (SolidMark) variant (trained in DIR/keyed when mmh_fast.lab.keyed "
-                   "provides it)")
+                   help="skip the keyed (SolidMark) variant (mmh_fast.lab.keyed, trained in DIR/keyed at the "
+                   "lab's size)")
     p.add_argument("--fresh", action="store_true",
                    help="measure every section again (default: a rerun on the same built lab reuses the finished "
                    "sections of DIR/lab.json whose settings match, so an interrupted run resumes)")

@@ -140,9 +140,9 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
     Memorization maps: overlays for ``max_maps`` verified-memorized planted prompts
     (and two held-out ones); with ``partial`` the partial-copy variant
     (:func:`mmh_fast.lab.partial.run_partial`, built or reused in ``out/partial``)
-    and its localisation table. With ``keyed``, when ``mmh_fast.lab.keyed`` provides
-    ``run_keyed``, the keyed (SolidMark) variant runs in ``out/keyed`` and its section
-    joins the report. Both variants train their own model the first time (minutes).
+    and its localisation table. With ``keyed`` the keyed (SolidMark) variant
+    (:func:`mmh_fast.lab.keyed.run_keyed`, the same size as the lab) runs in
+    ``out/keyed`` and its section joins the report. Both variants train their own model the first time (minutes).
 
     Resuming: lab.json records each section's settings. A second run on the same
     built lab (same size, seed, recipe and build record) reuses the finished
@@ -407,16 +407,10 @@ def _maps_section(out, res, pipe, prompts, labels, planted, cfg, seed, progress,
 
 
 def _keyed_section(out, res, size, seed, threads, progress) -> list:
-    """The keyed (SolidMark) variant when mmh_fast.lab.keyed provides run_keyed(out_dir, *, size, seed, threads,
-    progress) -> {"results", "markdown", "figures"}; nothing when the module or the function is absent."""
-    import importlib
-    import importlib.util
+    """The keyed (SolidMark) variant (:func:`mmh_fast.lab.keyed.run_keyed`) in ``out/keyed``:
+    fills res["keyed"] and returns the report lines."""
+    from .keyed import run_keyed
 
-    if importlib.util.find_spec(__package__ + ".keyed") is None:
-        return []
-    run_keyed = getattr(importlib.import_module(__package__ + ".keyed"), "run_keyed", None)
-    if run_keyed is None:
-        return []
     _say(progress, "keyed (SolidMark) lab")
     k = run_keyed(os.path.join(out, "keyed"), size=size, seed=seed, threads=threads, progress=progress)
     res["keyed"] = k["results"]
