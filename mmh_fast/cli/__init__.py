@@ -132,7 +132,8 @@ def _cmd_train(args) -> int:
                           batch_size=args.batch_size, lr=args.lr, width=args.width, t_power=args.t_power,
                           weights=args.weights, device=args.device, seed=args.seed, limit=args.limit,
                           image_column=args.image_column, key_column=args.key_column, progress=args.progress,
-                          quiet=args.quiet, overwrite=args.overwrite))
+                          quiet=args.quiet, overwrite=args.overwrite, captions=args.captions,
+                          caption_column=args.caption_column, vae_steps=args.vae_steps))
     return 0
 
 
@@ -398,7 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     tr.add_argument("--seed", type=int, default=0, help="seeds the weights, minibatches and noise (default: 0)")
     tr.add_argument("--limit", type=_positive_int, help="train on the first N images of SOURCE only")
-    _add_table_columns(tr)
+    tr.add_argument("--captions", action="store_true",
+                    help="train a caption-conditioned StableDiffusionPipeline (VAE, CLIP text encoder with a "
+                         "vocabulary of the caption words, conditional UNet, DDIM) with the memorization lab's "
+                         "training code, on the captions scan reads (folder .txt, WebDataset .txt/.json, table "
+                         "--caption-column); every image needs one. CPU only")
+    tr.add_argument("--vae-steps", type=_positive_int, default=600,
+                    help="--captions: VAE steps (the decoder is then refined for twice as many; default: 600)")
+    _add_table_columns(tr, caption=True)
     tr.add_argument("--overwrite", action="store_true", help="replace a model already in DIR")
     _add_progress_options(tr, log_every=False)
     tr.set_defaults(func=_cmd_train)

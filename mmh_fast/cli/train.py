@@ -62,17 +62,23 @@ class TrainConfig:
     progress: str = "auto"
     quiet: bool = False
     overwrite: bool = False
+    captions: bool = False
+    caption_column: str | None = None
+    vae_steps: int = 600
 
 
 def read_images(spec: str, *, image_size: int, limit: int | None = None, image_column=None, key_column=None,
-                warn=None):
+                warn=None, caption_column=None, captions: list | None = None):
     """Decode every image of a scan source to ``(keys [N], uint8 [N, 3, S, S])``.
 
     Unreadable images are skipped (``warn`` is called with a message naming the
-    first few); keys are the scan's keys of the same source."""
+    first few); keys are the scan's keys of the same source. ``captions``: a list
+    that receives each kept image's caption as the scan reads it (None where
+    the source has none)."""
     from .sources import decode_image, open_source
 
-    src = open_source(spec, limit=limit, image_column=image_column, key_column=key_column)
+    src = open_source(spec, limit=limit, image_column=image_column, key_column=key_column,
+                      caption_column=caption_column)
     keys, arrays, bad = [], [], []
     for unit in src.units:
         for raw in src.iter_unit(unit):
@@ -86,6 +92,8 @@ def read_images(spec: str, *, image_size: int, limit: int | None = None, image_c
                 continue
             keys.append(raw.key)
             arrays.append(arr)
+            if captions is not None:
+                captions.append(raw.caption)
     if bad and warn is not None:
         first = "; ".join(f"{k} ({e})" for k, e in bad[:3])
         warn(f"{len(bad)} images could not be read and are left out of training: {first}"
@@ -152,6 +160,151 @@ def _check(cfg: TrainConfig) -> None:
         raise UserError(f"--out {cfg.out!r} already holds a model; pass --overwrite to replace it")
 
 
+def caption_words(captions: list[str]) -> list[list[str]]:
+    """Each caption split into the words a CLIP tokenizer sees (lowercased; punctuation marks
+    and digits are words of their own), by tokenizing with a merge-free byte-level vocabulary:
+    a word ends at each token marked ``</w>``."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    from ..testing import write_tiny_clip_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="mmh_train_tok_") as tdir:
+        tok = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(tdir, merges=()))
+    out = []
+    for c in captions:
+        words, cur = [], ""
+        for piece in tok.tokenize(c):
+            if piece.endswith("</w>"):
+                words.append(cur + piece[:-4])
+                cur = ""
+            else:
+                cur += piece
+        out.append(words)
+    return out
+
+
+def caption_vocabulary(words: list[str]) -> list[str]:
+    """The distinct ``words`` in an order whose BPE merge chains make each one token.
+
+    A word's chain can be cut by another word's earlier-ranked merge of two of its
+    inner characters; such words are moved to the front (their chains then rank
+    first) and the check repeated. Raises UserError naming the words that stay
+    split (non-ASCII letters are not supported by the byte-level chains)."""
+    import tempfile
+
+    from ..lab.data import write_tokenizer
+
+    order = sorted(set(words), key=lambda w: (-len(w), w))  # longer chains first resolves most collisions
+    bad: list[str] = []
+    for _ in range(20):
+        with tempfile.TemporaryDirectory(prefix="mmh_train_tok_") as tdir:
+            _, bad = write_tokenizer(tdir, order, 77)
+        if not bad:
+            return order
+        order = bad + [w for w in order if w not in set(bad)]
+    raise UserError(f"--captions: the caption words {bad[:10]} cannot each be made one token of the model's "
+                    "small tokenizer (non-ASCII letters are not supported); edit those captions")
+
+
+def _captions_config(cfg: TrainConfig, max_length: int):
+    from ..lab.training import LabConfig
+
+    # the lab's recipe at the user's size and budget: VAE (3 levels, latents S/4) then UNet and text
+    # encoder jointly, then the decoder refined for twice the VAE steps (the lab's 600 / 1200 ratio)
+    return LabConfig(image_size=cfg.image_size, vae_steps=cfg.vae_steps, decoder_steps=2 * cfg.vae_steps,
+                     unet_channels=(cfg.width // 2, cfg.width), max_length=max_length, steps=cfg.steps,
+                     batch_size=cfg.batch_size, lr=cfg.lr, warmup=min(100, cfg.steps // 10))
+
+
+def _check_captions(cfg: TrainConfig) -> None:
+    if cfg.caption_column is not None and not cfg.captions:
+        raise UserError("--caption-column needs --captions (a caption-conditioned model)")
+    if not cfg.captions:
+        return
+    if cfg.arch != "unet":
+        raise UserError(f"--captions trains a Stable-Diffusion-like latent model; --arch {cfg.arch} is for the "
+                        "unconditional model only")
+    if cfg.t_power != 2.0:
+        raise UserError("--t-power applies to the unconditional model only; --captions draws t uniformly "
+                        "(the lab's training)")
+    if cfg.image_size % 8:
+        raise UserError(f"--captions needs --image-size a multiple of 8 (VAE latents of S/4, one UNet "
+                        f"downsampling), got {cfg.image_size}")
+    if cfg.width % 32:
+        raise UserError(f"--captions needs --width a multiple of 32 (UNet channels width/2, width in groups "
+                        f"of 16), got {cfg.width}")
+    if not isinstance(cfg.vae_steps, int) or cfg.vae_steps < 1:
+        raise UserError(f"--vae-steps must be an integer >= 1, got {cfg.vae_steps!r}")
+
+
+def _stage_progress(mode: str, say):
+    """The lab's per-stage progress: a tqdm bar ("bar"), a log line every tenth of a stage ("log")."""
+    from ..lab.build import _progress_factory
+
+    if mode != "log":
+        return _progress_factory(mode == "bar")
+
+    def progress(it, desc):
+        n = len(it)
+        every = max(1, n // 10)
+        for i, v in enumerate(it):
+            yield v
+            if (i + 1) % every == 0 or i + 1 == n:
+                say(f"{desc}: step {i + 1}/{n}")
+
+    return progress
+
+
+def _run_captions(cfg: TrainConfig, keys, u8, captions, weights, device, say, warn, t_start) -> dict:
+    """Train a StableDiffusionPipeline with the lab's code (:func:`mmh_fast.lab.build._train`) on the
+    images and their captions, and save it into ``cfg.out``."""
+    from ..lab.build import _train
+    from ..lab.data import LabData
+    from .scan import _progress_mode
+
+    missing = [k for k, c in zip(keys, captions) if c is None or not c.strip()]
+    if missing:
+        raise UserError(f"--captions: {len(missing)} of {len(keys)} images of --data {cfg.data!r} have no or an "
+                        f"empty caption (first: {', '.join(missing[:3])}); folders: a .txt beside each image, "
+                        "WebDataset: .txt/.json, tables: --caption-column")
+    words = caption_words(captions)
+    longest = max(len(w) for w in words)
+    if longest + 2 > 77:
+        raise UserError(f"--captions: the longest caption has {longest} words; at most 75 (CLIP's 77 tokens)")
+    vocab = caption_vocabulary([w for ws in words for w in ws])
+    lab_cfg = _captions_config(cfg, longest + 2)
+    if device.type != "cpu":
+        warn(f"--captions trains on the CPU (the lab's training code), not on {device}")
+    n = len(keys)
+    data = LabData(images=u8.astype(np.float32) / 127.5 - 1.0, keys=list(keys),
+                   captions=[" ".join(ws) for ws in words], kinds=["image"] * n, digits=np.full(n, -1),
+                   dataset_count=np.ones(n, np.int64),
+                   stream_weight=weights if weights is not None else np.ones(n, np.float64), words=vocab)
+    say(f"caption-conditioned: {len(vocab)} words, captions of up to {longest} words; VAE {lab_cfg.vae_steps} + "
+        f"decoder {lab_cfg.decoder_steps} steps, UNet + text encoder {cfg.steps} steps of {cfg.batch_size}")
+    os.makedirs(cfg.out, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    rec = _train(cfg.out, lab_cfg, cfg.seed, _stage_progress(_progress_mode(cfg.progress, cfg.quiet), say),
+                 data=data, pipeline_dir=cfg.out, tables=False)
+    curve = rec["loss_curve"]
+    final = float(curve[-1][1])
+    if not math.isfinite(final):
+        raise UserError(f"training diverged (loss {final}); lower --lr (now {cfg.lr})")
+    info = {"settings": asdict(cfg), "images": n, "captioned": True, "lab_config": lab_cfg.to_dict(),
+            "parameters": rec["parameters"], "vae": rec["vae"], "loss_curve": curve, "first_loss": float(curve[0][1]),
+            "final_loss": final, "seconds": round(time.perf_counter() - t_start, 2)}
+    if weights is not None:
+        info["weighted_keys"] = {k: float(w) for k, w in zip(keys, weights) if w != 1.0}
+    with open(os.path.join(cfg.out, "train.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    say(f"saved a StableDiffusionPipeline to {cfg.out} (loss {info['first_loss']:.4f} -> {final:.4f}, "
+        f"{info['seconds']:.0f} s); next: mmh-fast scan --model {cfg.out} --data {cfg.data} --out SCAN_DIR "
+        "--metrics cfg_norm_train")
+    return info
+
+
 def run_train(cfg: TrainConfig) -> dict:
     """Train and save; returns what is written to ``DIR/train.json``."""
     from diffusers import DDPMPipeline, DDPMScheduler
@@ -161,6 +314,7 @@ def run_train(cfg: TrainConfig) -> dict:
     from .scan import _progress_mode
 
     _check(cfg)
+    _check_captions(cfg)
     device = resolve_device(cfg.device)
 
     def say(msg):
@@ -171,9 +325,13 @@ def run_train(cfg: TrainConfig) -> dict:
         print(f"mmh-fast train: warning: {msg}", file=sys.stderr, flush=True)
 
     t_start = time.perf_counter()
+    captions = [] if cfg.captions else None
     keys, u8 = read_images(cfg.data, image_size=cfg.image_size, limit=cfg.limit, image_column=cfg.image_column,
-                           key_column=cfg.key_column, warn=warn)
+                           key_column=cfg.key_column, warn=warn, caption_column=cfg.caption_column,
+                           captions=captions)
     weights = load_weights(cfg.weights, keys) if cfg.weights else None
+    if cfg.captions:
+        return _run_captions(cfg, keys, u8, captions, weights, device, say, warn, t_start)
     # the scan feeds models images in [-1, 1] (uint8 / 127.5 - 1): train on the same scale
     x = torch.from_numpy(u8).float().div_(127.5).sub_(1.0)
     say(f"{len(keys)} images at {cfg.image_size} x {cfg.image_size} from {cfg.data}"

@@ -160,16 +160,18 @@ def _train_and_record(out_dir: str, cfg: LabConfig, seed: int, threads: int | No
 
 
 def _train(out_dir: str, cfg: LabConfig, seed: int, progress, *, data: LabData | None = None,
-           train_columns: dict | None = None, prompt_columns: dict | None = None) -> dict:
+           train_columns: dict | None = None, prompt_columns: dict | None = None, pipeline_dir: str | None = None,
+           tables: bool = True) -> dict:
     """Train every component on ``data`` (default: ``cfg``'s :func:`make_data`) and write the
-    pipeline and the tables (``train_columns`` / ``prompt_columns``: extra columns, one value per row)."""
+    pipeline (to ``pipeline_dir``, default ``out_dir/pipeline``) and, unless ``tables`` is False,
+    the tables (``train_columns`` / ``prompt_columns``: extra columns, one value per row)."""
     from diffusers import StableDiffusionPipeline
 
     t0 = time.time()
     if data is None:
         data = make_data(n_dd=cfg.n_dd, dd_copies=cfg.dd_copies, n_od=cfg.n_od, od_boost=cfg.od_boost,
                          n_generic=cfg.n_generic, image_size=cfg.image_size, seed=seed)
-    pdir = os.path.join(out_dir, "pipeline")
+    pdir = pipeline_dir if pipeline_dir is not None else os.path.join(out_dir, "pipeline")
     with tempfile.TemporaryDirectory(prefix="mmh_lab_tok_") as tdir:
         tok = _write_tokenizer(tdir, vocabulary(data), cfg.max_length)
     images = torch.from_numpy(data.images)
@@ -192,7 +194,8 @@ def _train(out_dir: str, cfg: LabConfig, seed: int, progress, *, data: LabData |
     # vocab.json and merges.txt beside the tokenizer.json that save_pretrained writes, so that
     # CLIPTokenizer loads the lab's vocabulary with any transformers version
     _write_tokenizer(os.path.join(pdir, "tokenizer"), vocabulary(data), cfg.max_length)
-    _write_tables(out_dir, data, tr["stream_count"], train_columns=train_columns, prompt_columns=prompt_columns)
+    if tables:
+        _write_tables(out_dir, data, tr["stream_count"], train_columns=train_columns, prompt_columns=prompt_columns)
     return {"vae": vae_stats, "loss_curve": tr["loss_curve"], "seconds": {"vae": t_vae,
                                                                            "denoiser": tr["train_seconds"],
                                                                            "total": time.time() - t0},
