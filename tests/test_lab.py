@@ -496,3 +496,10 @@ def test_run_lab_writes_its_tables_and_report(tmp_path, one_thread, monkeypatch)
     with pytest.raises(AssertionError, match="measured again"):
         run_lab(out, size="quick", config=cfg, progress=False, max_detection=8, max_attribution=1,
                 max_mitigation=2, partial=False, keyed=False, fresh=True)
+    # a detection cap at the planted count selects planted prompts only: auc_vs_planted is NaN, not an error
+    monkeypatch.undo()
+    capped = run_lab(out, size="quick", config=cfg, progress=False, max_detection=5, max_attribution=0,
+                     max_mitigation=0, partial=False, keyed=False)
+    assert all(r["prompts"] == 5 and np.isnan(r["auc_vs_planted"]) for r in capped["detection"])
+    # detection measured again needs the generations, which are not stored: ground truth is measured again too
+    assert capped["reused"] == []

@@ -216,8 +216,11 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
             det = detection(pipe, [texts[i] for i in sel], labels[sel], guidance_scale=cfg.guidance_scale,
                             num_inference_steps=cfg.num_inference_steps, num_images=cfg.n_generations, seed=seed,
                             generations=gt["images"][sel])
+            planted_sel = gt["planted"][sel]
             for r in det:
-                r["auc_vs_planted"] = roc_stats(r["scores"], gt["planted"][sel])["auc"]
+                # NaN when the selection holds one planted class only (a cap at or below the planted count)
+                r["auc_vs_planted"] = (roc_stats(r["scores"], planted_sel)["auc"]
+                                       if 0 < planted_sel.sum() < planted_sel.size else float("nan"))
                 r["prompts"] = len(sel)
                 r["memorized_prompts"] = int(labels[sel].sum())
             res["detection"] = [{k: v for k, v in r.items() if k not in ("scores", "fpr", "tpr")} for r in det]
@@ -323,13 +326,16 @@ class _Resume:
         self.out, self.prev, self.settings = out, prev, settings
         self.ok = True  # False from the first section that is measured again
 
-    def reuse(self, name: str) -> bool:
+    def _reusable(self, name: str) -> bool:
         p = self.prev
         files = {"ground_truth": "ground_truth.parquet", "detection": "detection.parquet",
                  "image_level": "images.parquet"}.get(name)
-        self.ok = bool(self.ok and p is not None and name in p
-                       and p.get("settings", {}).get(name) == json.loads(json.dumps(self.settings[name]))
-                       and (files is None or os.path.exists(os.path.join(self.out, files))))
+        return bool(p is not None and name in p
+                    and p.get("settings", {}).get(name) == json.loads(json.dumps(self.settings[name]))
+                    and (files is None or os.path.exists(os.path.join(self.out, files))))
+
+    def reuse(self, name: str) -> bool:
+        self.ok = self.ok and self._reusable(name)
         return self.ok
 
     def section(self, name: str, res: dict):
@@ -337,9 +343,10 @@ class _Resume:
         return self.prev[name]
 
     def ground_truth(self, kinds: np.ndarray, keys: list) -> dict | None:
-        """The ground-truth arrays from ground_truth.parquet (without the generations, which only
-        detection uses; detection is then reused too or ground truth is measured again)."""
-        if not (self.reuse("ground_truth") and self.prev.get("detection") is not None):
+        """The ground-truth arrays from ground_truth.parquet, when detection is reusable too
+        (the generations are not stored: a detection measured again needs them, so ground
+        truth is then measured again)."""
+        if not (self.reuse("ground_truth") and self._reusable("detection")):
             self.ok = False
             return None
         import pyarrow.parquet as pq
