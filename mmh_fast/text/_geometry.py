@@ -5,15 +5,15 @@ branches, and the finite-score check."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from ..lid.flipd import _jvp
-from ..models.batching import NonFiniteOutputError
+from ..models.batching import NonFiniteOutputError, run_chunked
 from ._core import TextPipeline, as_prompts, check_guidance, check_int, text_pipeline
 
-__all__ = ["Setup", "setup", "check_step", "Rows", "row_chunks", "points_at", "jvp_of", "eps_pair_jvp", "check_scores"]
+__all__ = ["Setup", "setup", "check_step", "Rows", "over_rows", "points_at", "jvp_of", "eps_pair_jvp", "check_scores"]
 
 
 @dataclass
@@ -64,17 +64,24 @@ class Rows:
         return len(self.r)
 
 
-def row_chunks(tp: TextPipeline, n_prompts: int, num_images: int, batch_size, *,
-               backward: bool = False) -> Iterator[Rows]:
-    """Consecutive (prompt, image) row chunks of ``batch_size`` rows; by default
-    the UNet's two-branch chunk size from the model and latent size
-    (:meth:`TextPipeline.batch_size`, ``backward`` for forward-mode AD or an
-    optimisation graph), never the whole user batch at once."""
+def over_rows(tp: TextPipeline, n_prompts: int, num_images: int, batch_size, fn: Callable[[Rows], torch.Tensor],
+              *, what: str, backward: bool = False):
+    """``torch.cat`` of ``fn(rows)`` [len(rows), ...] (a tuple of such tensors: a tuple
+    of their concatenations) over consecutive (prompt, image)
+    row chunks of ``batch_size`` rows; by default the UNet's two-branch chunk size
+    from the model and latent size (:meth:`TextPipeline.batch_size`, ``backward`` for
+    forward-mode AD or an optimisation graph), never the whole user batch at once.
+    On out-of-memory the chunk is halved and run again
+    (:func:`mmh_fast.models.batching.run_chunked`, one warning naming ``what``), so
+    ``fn`` must not keep state from a failed call; latents are keyed per row, so
+    results do not depend on the chunking."""
     rows = n_prompts * num_images
     bs = (tp.batch_size(passes=2, backward=backward) if batch_size is None
           else check_int(batch_size, "batch_size", 1))
-    for r0 in range(0, rows, bs):
-        yield Rows(torch.arange(r0, min(rows, r0 + bs)), num_images)
+    parts = run_chunked(lambda a, b: fn(Rows(torch.arange(a, b), num_images)), rows, batch_size=bs, what=what)
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(p) for p in zip(*parts))
+    return torch.cat(parts)
 
 
 def points_at(tp: TextPipeline, grid, rows: Rows, seed: int, cond: torch.Tensor, uncond: torch.Tensor,

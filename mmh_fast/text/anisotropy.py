@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ._core import as_prompts, check_float, check_int, text_pipeline
-from ._geometry import check_scores, check_step, row_chunks
+from ._geometry import check_scores, check_step, over_rows
 
 __all__ = ["norm_alignment_score", "NormAlignment", "adapt_prompt_embedding"]
 
@@ -107,13 +107,14 @@ def norm_alignment_score(pipe, prompts, *, num_images: int = 1, norm_weight: flo
     i_low = check_step(alignment_step, len(grid), "alignment_step")
     emb = tp.embed(prompts + [""])
     cond_all, uncond = emb[:-1], emb[-1:]
-    R = len(prompts) * num_images
-    norm, align = torch.empty(R, dtype=torch.float64), torch.empty(R, dtype=torch.float64)
-    with torch.no_grad():
-        for rows in row_chunks(tp, len(prompts), num_images, batch_size):
-            x = tp.initial_latents(rows.image.tolist(), seed)
-            n_, a_ = _terms(tp, grid, x, cond_all.index_select(0, rows.prompt.to(cond_all.device)), uncond, i_low)
-            norm[rows.r], align[rows.r] = n_.cpu(), a_.cpu()
+
+    @torch.no_grad()
+    def chunk(rows):
+        x = tp.initial_latents(rows.image.tolist(), seed)
+        n_, a_ = _terms(tp, grid, x, cond_all.index_select(0, rows.prompt.to(cond_all.device)), uncond, i_low)
+        return n_.cpu().to(torch.float64), a_.cpu().to(torch.float64)
+
+    norm, align = over_rows(tp, len(prompts), num_images, batch_size, chunk, what="norm_alignment_score")
     norm = check_scores(norm.reshape(-1, num_images).mean(1), "norm_alignment_score (norm)", prompts)
     align = check_scores(align.reshape(-1, num_images).mean(1), "norm_alignment_score (alignment)", prompts)
     dt = tp.work_dtype

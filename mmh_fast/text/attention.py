@@ -28,7 +28,7 @@ import torch
 
 from ..models.pipelines import decode_latents, tokenize_prompts
 from ._core import check_float
-from ._geometry import check_scores, row_chunks, setup
+from ._geometry import check_scores, over_rows, setup
 from .detection import _check_steps
 
 __all__ = ["cross_attention_entropy", "cross_attention_probabilities", "cross_attention_layers",
@@ -179,8 +179,6 @@ def cross_attention_entropy(pipe, prompts, *, num_images: int = 1, steps=(0, 1),
     names = cross_attention_layers(tp.net)
     sel = _check_layers(layers, len(names))
     s0, s1 = _check_steps(steps, len(grid))
-    R = len(S.prompts) * S.num_images
-    total = torch.zeros(R, dtype=torch.float64)
     record: dict[int, torch.Tensor] = {}
     active = [False]
 
@@ -189,20 +187,23 @@ def cross_attention_entropy(pipe, prompts, *, num_images: int = 1, steps=(0, 1),
             half = probs.shape[0] // 2  # rows [uncond; cond] of the two-branch call
             record[layer] = probs[half:].to(torch.float64).mean((1, 2)).detach()
 
+    def chunk(rows):
+        x = tp.initial_latents(rows.image.tolist(), S.seed)
+        cond = S.cond.index_select(0, rows.prompt.to(S.cond.device))
+        acc = torch.zeros(len(rows), dtype=torch.float64)
+        for i in range(s1):
+            record.clear()
+            active[0] = i >= s0
+            e_u, e_c = tp.pair(x, grid, i, cond, S.uncond)
+            if i >= s0:
+                a = torch.stack([record[l_] for l_ in sel]).mean(0)  # [rows, L]
+                acc += (-(a * torch.where(a > 0, a.log(), torch.zeros_like(a))).sum(1)).cpu()
+            if i + 1 < s1:
+                x = grid.step(i, x, e_u + S.guidance_scale * (e_c - e_u))
+        return acc
+
     with torch.no_grad(), cross_attention_probabilities(tp.net, sink):
-        for rows in row_chunks(S.tp, len(S.prompts), S.num_images, batch_size):
-            x = tp.initial_latents(rows.image.tolist(), S.seed)
-            cond = S.cond.index_select(0, rows.prompt.to(S.cond.device))
-            for i in range(s1):
-                record.clear()
-                active[0] = i >= s0
-                e_u, e_c = tp.pair(x, grid, i, cond, S.uncond)
-                if i >= s0:
-                    a = torch.stack([record[l_] for l_ in sel]).mean(0)  # [rows, L]
-                    ent = -(a * torch.where(a > 0, a.log(), torch.zeros_like(a))).sum(1)
-                    total[rows.r] += ent.cpu()
-                if i + 1 < s1:
-                    x = grid.step(i, x, e_u + S.guidance_scale * (e_c - e_u))
+        total = over_rows(S.tp, len(S.prompts), S.num_images, batch_size, chunk, what="cross_attention_entropy")
     out = total.reshape(len(S.prompts), S.num_images).mean(1) / (s1 - s0)
     return check_scores(out, "cross_attention_entropy", S.prompts)
 
@@ -252,12 +253,12 @@ def generate_attention_rescaled(pipe, prompts, *, bos_scale: float = 1.25, mask_
         cond = cond.masked_fill(~keep[:, None, None, :], -math.inf)
         return torch.cat([scores[:B], cond])
 
-    outs = []
+    def chunk(rows):
+        state["len"] = lengths.index_select(0, rows.prompt)
+        x = tp.initial_latents(rows.image.tolist(), S.seed)
+        x = tp.sample(x, grid, S.cond.index_select(0, rows.prompt.to(S.cond.device)), S.uncond,
+                      S.guidance_scale, positions=rows.prompt)
+        return decode_latents(tp.pipe, x) if output == "images" else x.float()
+
     with cross_attention_probabilities(tp.net, None, logits=logits):
-        for rows in row_chunks(S.tp, len(S.prompts), S.num_images, batch_size):
-            state["len"] = lengths.index_select(0, rows.prompt)
-            x = tp.initial_latents(rows.image.tolist(), S.seed)
-            x = tp.sample(x, grid, S.cond.index_select(0, rows.prompt.to(S.cond.device)), S.uncond,
-                          S.guidance_scale, positions=rows.prompt)
-            outs.append(decode_latents(tp.pipe, x) if output == "images" else x.float())
-    return torch.cat(outs)
+        return over_rows(S.tp, len(S.prompts), S.num_images, batch_size, chunk, what="generate_attention_rescaled")

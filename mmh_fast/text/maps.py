@@ -29,7 +29,7 @@ import torch
 from ..models.pipelines import is_latent_pipeline
 from ..ops.hutchinson import hutchinson_probes
 from ._core import check_int
-from ._geometry import check_scores, check_step, eps_pair_jvp, points_at, row_chunks, setup
+from ._geometry import check_scores, check_step, eps_pair_jvp, over_rows, points_at, setup
 
 __all__ = ["curvature_difference_map", "score_difference_map", "map_localization", "map_overlay"]
 
@@ -129,12 +129,13 @@ def _maps(pipe, prompts, point_map, name: str, *, num_images, step, num_inferenc
     S = setup(pipe, prompts, num_images=num_images, num_inference_steps=num_inference_steps, seed=seed,
               guidance_scale=guidance_scale)
     step = check_step(step, len(S.grid))
-    out = []
-    for rows in row_chunks(S.tp, len(S.prompts), S.num_images, batch_size, backward=True):
+
+    def chunk(rows):
         cond = S.cond.index_select(0, rows.prompt.to(S.cond.device))
         (_, x), = points_at(S.tp, S.grid, rows, S.seed, cond, S.uncond, S.guidance_scale, [step])
-        out.append(point_map(S, rows, step, x, cond).cpu())
-    maps = torch.cat(out)
+        return point_map(S, rows, step, x, cond).cpu()
+
+    maps = over_rows(S.tp, len(S.prompts), S.num_images, batch_size, chunk, what=name, backward=True)
     maps = check_scores(maps.reshape(len(S.prompts), -1), name, S.prompts).reshape(maps.shape)
     maps = _upsample(maps, S.tp, upsample)
     return maps.reshape(len(S.prompts), S.num_images, *maps.shape[1:])

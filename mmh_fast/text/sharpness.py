@@ -29,7 +29,7 @@ import torch
 from ..models.pipelines import decode_latents
 from ..ops.krylov import krylov_eigenvalues
 from ._core import as_prompts, check_float, check_guidance, check_int, text_pipeline
-from ._geometry import check_scores, eps_pair_jvp, jvp_of, points_at, row_chunks, setup
+from ._geometry import check_scores, eps_pair_jvp, jvp_of, over_rows, points_at, setup
 from .detection import _check_steps
 
 __all__ = ["hessian_score_difference_norm", "hessian_eigenvalues", "optimize_initial_noise", "generate_sail",
@@ -75,19 +75,23 @@ def hessian_score_difference_norm(pipe, prompts, *, num_images: int = 4, steps=(
               guidance_scale=guidance_scale)
     tp, prompts, num_images, grid = S.tp, S.prompts, S.num_images, S.grid
     s0, s1 = _check_steps(steps, len(grid))
-    total = torch.zeros(len(prompts) * num_images, dtype=torch.float64)
-    for rows in row_chunks(tp, len(prompts), num_images, batch_size, backward=True):
+
+    def chunk(rows):
         cond = S.cond.index_select(0, rows.prompt.to(S.cond.device))
         x = tp.initial_latents(rows.image.tolist(), S.seed)
+        acc = torch.zeros(len(rows), dtype=torch.float64)
         for i in range(s1):
             with torch.no_grad():
                 e_u, e_c = tp.pair(x, grid, i, cond, S.uncond)
             if i >= s0:
                 _, (j_u, j_c) = eps_pair_jvp(tp, grid, i, x, e_c - e_u, cond, S.uncond)
-                hs = (j_c - j_u).reshape(len(rows), -1).to(torch.float64).norm(dim=1) / grid.sigma[i] ** 2
-                total[rows.r] += hs.cpu()
+                acc += ((j_c - j_u).reshape(len(rows), -1).to(torch.float64).norm(dim=1) / grid.sigma[i] ** 2).cpu()
             if i + 1 < s1:  # the step's own eps moves x on: no second UNet call at evaluated steps
                 x = grid.step(i, x, e_u + S.guidance_scale * (e_c - e_u))
+        return acc
+
+    total = over_rows(tp, len(prompts), num_images, batch_size, chunk, what="hessian_score_difference_norm",
+                      backward=True)
     out = total.reshape(len(prompts), num_images).mean(1) / (s1 - s0)
     return check_scores(out, "hessian_score_difference_norm", prompts).to(tp.work_dtype)
 
@@ -155,18 +159,20 @@ def hessian_eigenvalues(pipe, prompts, *, k: int = 8, num_images: int = 1, step:
         d *= s
     if k > d:
         raise ValueError(f"k must be <= the latent size {d}, got {k}")
-    out = []
-    for rows in row_chunks(tp, len(prompts), num_images, batch_size, backward=True):
+
+    def chunk(rows):
         cond = S.cond.index_select(0, rows.prompt.to(S.cond.device))
         (_, x), = points_at(tp, grid, rows, seed, cond, S.uncond, S.guidance_scale, [step])
         f = _branch_fn(tp, grid, step, branch, cond, S.uncond)
         sigma = grid.sigma[step]
 
-        def matvec(v, _f=f, _x=x):
-            return jvp_of(tp, _f, _x, v) / (-sigma)
+        def matvec(v):
+            return jvp_of(tp, f, x, v) / (-sigma)
 
-        out.append(krylov_eigenvalues(matvec, x, k, symmetric=symmetric, seed=seed, sample_ids=rows.image).cpu())
-    ev = torch.cat(out).reshape(len(prompts), num_images, k)
+        return krylov_eigenvalues(matvec, x, k, symmetric=symmetric, seed=seed, sample_ids=rows.image).cpu()
+
+    ev = over_rows(tp, len(prompts), num_images, batch_size, chunk, what="hessian_eigenvalues",
+                   backward=True).reshape(len(prompts), num_images, k)
     return check_scores(ev, "hessian_eigenvalues", prompts)
 
 
@@ -232,7 +238,7 @@ def optimize_initial_noise(pipe, prompts, *, num_images: int = 4, lr: float = 0.
         delta: the step along u (1 in eps units, the authors' setting).
         threshold: l_thres, or None (model-specific: 8.2 for SD 1.4 at 512 px).
         num_inference_steps: the DDIM grid whose first timestep T is used.
-        batch_size: rows per optimisation batch (default: all).
+        batch_size: rows per optimisation batch (default: the UNet's chunk size; halved on out-of-memory).
 
     Returns:
         :class:`SAILResult` (CPU tensors; latents in the pipeline's working dtype).
@@ -250,10 +256,8 @@ def optimize_initial_noise(pipe, prompts, *, num_images: int = 4, lr: float = 0.
     grid = tp.grid(num_inference_steps)
     emb = tp.embed(prompts + [""])
     cond_all, uncond = emb[:-1].detach(), emb[-1:].detach()
-    R = len(prompts) * num_images
-    lat, loss, loss0, its = [], torch.empty(R, dtype=torch.float64), torch.empty(R, dtype=torch.float64), \
-        torch.zeros(R, dtype=torch.int64)
-    for rows in row_chunks(tp, len(prompts), num_images, batch_size, backward=True):
+
+    def chunk(rows):
         cond = cond_all.index_select(0, rows.prompt.to(cond_all.device))
         x = tp.initial_latents(rows.image.tolist(), seed).clone().requires_grad_(True)
         opt = torch.optim.Adam([x], lr=lr)
@@ -269,7 +273,7 @@ def optimize_initial_noise(pipe, prompts, *, num_images: int = 4, lr: float = 0.
                 k = int(rows.prompt[int(torch.nonzero(~torch.isfinite(lv))[0])])
                 raise FloatingPointError(f"the SAIL objective is NaN or inf for prompts[{k}] = {prompts[k]!r}")
             if it == 0:
-                loss0[rows.r] = lv
+                first = lv
             passed = lv <= threshold if threshold is not None else torch.zeros_like(done)
             take = ~done & (passed | (lv < best_l))
             best_l = torch.where(take, lv, best_l)
@@ -281,9 +285,11 @@ def optimize_initial_noise(pipe, prompts, *, num_images: int = 4, lr: float = 0.
             opt.zero_grad(set_to_none=True)
             lo.sum().backward()
             opt.step()
-        lat.append(best_x.cpu())
-        loss[rows.r], its[rows.r] = best_l, best_it
-    return SAILResult(torch.cat(lat), loss.to(tp.work_dtype), loss0.to(tp.work_dtype), its)
+        return best_x.cpu(), best_l, first, best_it
+
+    lat, loss, loss0, its = over_rows(tp, len(prompts), num_images, batch_size, chunk, what="optimize_initial_noise",
+                                      backward=True)
+    return SAILResult(lat, loss.to(tp.work_dtype), loss0.to(tp.work_dtype), its)
 
 
 @torch.no_grad()
@@ -313,10 +319,11 @@ def generate_sail(pipe, prompts, *, num_images: int = 1, guidance_scale: float =
     grid = tp.grid(num_inference_steps)
     emb = tp.embed(prompts + [""])
     cond_all, uncond = emb[:-1], emb[-1:]
-    outs = []
-    for rows in row_chunks(tp, len(prompts), num_images, batch_size):
+
+    def chunk(rows):
         x = res.latents[rows.r].to(tp.device, tp.work_dtype)
         x = tp.sample(x, grid, cond_all.index_select(0, rows.prompt.to(cond_all.device)), uncond, lam,
                       positions=rows.prompt)
-        outs.append(decode_latents(tp.pipe, x) if output == "images" else x.float())
-    return torch.cat(outs)
+        return decode_latents(tp.pipe, x) if output == "images" else x.float()
+
+    return over_rows(tp, len(prompts), num_images, batch_size, chunk, what="generate_sail")
