@@ -369,14 +369,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_report)
 
     tr = sub.add_parser(
-        "train", help="train a small unconditional diffusion model on your images (for scan --model DIR)",
+        "train", help="train a small diffusion model on your images, unconditional or (--captions) "
+                 "caption-conditioned (for scan --model DIR)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a small unconditional diffusers model (DDPMScheduler, eps-prediction) on the images\n"
         "of SOURCE (any source scan reads; RGB, resized and centre-cropped to --image-size, in [-1, 1] as\n"
         "scan feeds models) and save it as a DDPMPipeline in DIR (save_pretrained), so that\n"
         "`mmh-fast scan --model DIR` measures LID_theta with it. Meaningful for small datasets and for\n"
         "studying duplication or oversampling in your own data; not a stand-in for the model you want to\n"
-        "audit. The images are held in memory.")
+        "audit. The images are held in memory. --captions trains a caption-conditioned\n"
+        "StableDiffusionPipeline instead (the memorization lab's training code, CPU only).")
     tr.add_argument("--data", required=True, metavar="SOURCE", help="the training images (as for scan)")
     tr.add_argument("--out", required=True, metavar="DIR", help="where the pipeline is saved")
     tr.add_argument("--arch", choices=["unet", "mlp"], default="unet",

@@ -8,6 +8,12 @@ a ``DDPMScheduler`` by denoising score matching
 ``DDPMPipeline`` with ``save_pretrained`` so that ``mmh-fast scan --model DIR``
 measures LID_theta with it.
 
+``--captions`` trains a caption-conditioned ``StableDiffusionPipeline`` instead,
+with the memorization lab's training code (:func:`mmh_fast.lab.build._train`:
+VAE, then UNet and CLIP text encoder jointly with caption dropout, then the
+decoder refined) on the captions the scan reads, its tokenizer's vocabulary
+built so that each caption word is one token; CPU only.
+
 The images are read from any source the scan reads (folder, WebDataset
 shards, Parquet/CSV), decoded as the scan decodes them (RGB, resized and
 centre-cropped to ``--image-size``) and scaled to [-1, 1]; they are held in
@@ -275,8 +281,8 @@ def _run_captions(cfg: TrainConfig, keys, u8, captions, weights, device, say, wa
         raise UserError(f"--captions: the longest caption has {longest} words; at most 75 (CLIP's 77 tokens)")
     vocab = caption_vocabulary([w for ws in words for w in ws])
     lab_cfg = _captions_config(cfg, longest + 2)
-    if device.type != "cpu":
-        warn(f"--captions trains on the CPU (the lab's training code), not on {device}")
+    if cfg.device is not None and device.type != "cpu":
+        warn(f"--captions trains on the CPU (the lab's training code), not on --device {cfg.device}")
     n = len(keys)
     data = LabData(images=u8.astype(np.float32) / 127.5 - 1.0, keys=list(keys),
                    captions=[" ".join(ws) for ws in words], kinds=["image"] * n, digits=np.full(n, -1),
