@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from .batching import default_batch_size, run_chunked
 from .denoiser import Denoiser, model_device, model_dtype
 from .schedules import Schedule, make_schedule
 
@@ -77,7 +78,10 @@ def encode_images(pipe, images: torch.Tensor, *, batch_size: int | None = None) 
             posterior mean, no sampling, so the map is deterministic. Without one
             (DDPM/DDIM pixel pipelines): the images unchanged.
         images: [B, C, H, W] float tensor in [-1, 1] (C = the VAE's / UNet's in_channels).
-        batch_size: images per VAE call (default: all at once).
+        batch_size: images per VAE call (default: the VAE's own estimate on one
+            image, :func:`mmh_fast.models.batching.default_batch_size`; its
+            activations are at image resolution). Halved on out-of-memory
+            (:func:`~mmh_fast.models.batching.run_chunked`, one warning).
 
     Returns:
         float32 tensor [B, c, h, w] on the network's device (float64 input stays float64).
@@ -104,32 +108,51 @@ def encode_images(pipe, images: torch.Tensor, *, batch_size: int | None = None) 
     scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     dev, dt = model_device(vae), model_dtype(vae)
-    outs = []
-    with torch.no_grad():
-        for sl in _chunks(images.shape[0], batch_size):
-            enc = vae.encode(images[sl].to(dev, dt))
-            dist = getattr(enc, "latent_dist", None)
-            if dist is None:  # return_dict=False style tuple
-                dist = enc[0]
-            outs.append(((dist.mean - shift) * scale).to(out_dtype))
-    return torch.cat(outs).to(model_device(net))
+
+    @torch.no_grad()
+    def chunk(a, b):
+        enc = vae.encode(images[a:b].to(dev, dt))
+        dist = getattr(enc, "latent_dist", None)
+        if dist is None:  # return_dict=False style tuple
+            dist = enc[0]
+        return ((dist.mean - shift) * scale).to(out_dtype)
+
+    bs = _vae_batch(vae, tuple(images.shape[1:]), batch_size)
+    return torch.cat(run_chunked(chunk, images.shape[0], batch_size=bs, what="encode_images (VAE encoder)")
+                     ).to(model_device(net))
+
+
+def _vae_batch(vae, image_shape: tuple, batch_size) -> int:
+    """``batch_size`` checked, or the VAE's estimate for one image of ``image_shape`` (C, H, W)."""
+    if batch_size is None:
+        return default_batch_size(vae, image_shape, device=model_device(vae))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
+    return batch_size
 
 
 def decode_latents(pipe, latents: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
     """Inverse of :func:`encode_images`: latents -> images in [-1, 1] (clamped),
-    float32 [B, C, H, W]. Pixel pipelines return the input clamped."""
+    float32 [B, C, H, W]. Pixel pipelines return the input clamped.
+
+    ``batch_size``: latents per VAE call (default: the VAE's estimate on one
+    decoded image); halved on out-of-memory, as in :func:`encode_images`."""
     if not is_latent_pipeline(pipe):
         return latents.float().clamp(-1, 1)
     vae = pipe.vae
     scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     dev, dt = model_device(vae), model_dtype(vae)
-    outs = []
-    with torch.no_grad():
-        for sl in _chunks(latents.shape[0], batch_size):
-            z = (latents[sl].to(dev, torch.float32) / scale + shift).to(dt)
-            outs.append(vae.decode(z).sample.float().clamp(-1, 1))
-    return torch.cat(outs)
+
+    @torch.no_grad()
+    def chunk(a, b):
+        z = (latents[a:b].to(dev, torch.float32) / scale + shift).to(dt)
+        return vae.decode(z).sample.float().clamp(-1, 1)
+
+    f = 2 ** (len(getattr(vae.config, "block_out_channels", (0,))) - 1)
+    c_img = getattr(vae.config, "out_channels", None) or 3
+    bs = _vae_batch(vae, (c_img, latents.shape[-2] * f, latents.shape[-1] * f), batch_size)
+    return torch.cat(run_chunked(chunk, latents.shape[0], batch_size=bs, what="decode_latents (VAE decoder)"))
 
 
 def _as_prompt_list(prompts) -> list[str]:

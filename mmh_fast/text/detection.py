@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..models.batching import default_batch_size, run_chunked
-from ..models.denoiser import model_device
-from ..models.pipelines import encode_images, is_latent_pipeline
+from ..models.batching import run_chunked
+from ..models.pipelines import encode_images
 from ..models.schedules import check_t
 from ._core import as_prompts, check_batch_size, check_guidance, check_int, check_rows, text_pipeline
 
@@ -212,15 +211,8 @@ def cfg_norm_train(pipe, images, captions, *, t0: float = 0.01, n_euler: int = 3
 
 
 def _encode(pipe, images: torch.Tensor, batch_size: int | None) -> torch.Tensor:
-    """VAE latents of images in chunks (halved on OOM), checked finite. The
-    default chunk is the VAE's own estimate on one image (its activations are at
-    image resolution)."""
-    if batch_size is None:
-        vae = pipe.vae if is_latent_pipeline(pipe) else None
-        batch_size = images.shape[0] if vae is None else \
-            default_batch_size(vae, tuple(images.shape[1:]), device=model_device(vae))
-    z = torch.cat(run_chunked(lambda a, b: encode_images(pipe, images[a:b]), images.shape[0],
-                              batch_size=batch_size, what="cfg_norm_train (VAE encoder)"))
+    """VAE latents of images (:func:`encode_images` chunks them, halving on OOM), checked finite."""
+    z = encode_images(pipe, images, batch_size=batch_size)
     check_rows(z, "the VAE encoder's latent (positions are image indices)", range(images.shape[0]))
     return z
 

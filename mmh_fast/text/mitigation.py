@@ -27,9 +27,8 @@ import torch
 
 from .._hashing import sample_seed
 from ..retrieval import load_torchscript_embedder
-from ..models.batching import default_batch_size, run_chunked
-from ..models.denoiser import model_device
-from ..models.pipelines import decode_latents, is_latent_pipeline
+from ..models.batching import run_chunked
+from ..models.pipelines import decode_latents
 from ._core import as_prompts, check_batch_size, check_float, check_guidance, check_int, check_rows, text_pipeline
 from .attribution import PromptTokens, prompt_tokens, token_attributions
 from .metrics import check_metric, plan, run_metric
@@ -383,14 +382,7 @@ def generate(pipe, prompts, *, num_images: int = 1, seed: int = 0, num_inference
     x = torch.cat(run_chunked(chunk, R, batch_size=bs or tp.batch_size(passes=2), what="generate"))
     if output == "latents":
         return x.float()
-    vae = tp.pipe.vae if is_latent_pipeline(tp.pipe) else None
-    if bs is None:  # the decoder's activations are at image resolution: sized on one image
-        f = 2 ** (len(getattr(vae.config, "block_out_channels", (0,))) - 1) if vae is not None else 1
-        c_img = getattr(getattr(vae, "config", None), "out_channels", None) or 3
-        bs = x.shape[0] if vae is None else default_batch_size(
-            vae, (c_img, x.shape[-2] * f, x.shape[-1] * f), device=model_device(vae))
-    images = torch.cat(run_chunked(lambda a, b: decode_latents(tp.pipe, x[a:b]), R, batch_size=bs,
-                                   what="generate (VAE decoder)"))
+    images = decode_latents(tp.pipe, x, batch_size=bs)  # chunked by the VAE's own estimate, halved on OOM
     check_rows(images, "the VAE decoder's image (positions are prompt indices)", (torch.arange(R) // num_images))
     return images
 
