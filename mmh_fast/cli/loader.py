@@ -152,19 +152,27 @@ def native_image_size(spec: str) -> int | None:
 
 @contextlib.contextmanager
 def _quiet_transformers():
-    """transformers logs warnings about optional packages (torchvision) when the
-    diffusers pipelines import it; they are noise on a scan's console."""
-    try:
-        from transformers.utils import logging as tlog
-    except ImportError:
-        yield
-        return
-    level = tlog.get_verbosity()
-    tlog.set_verbosity_error()
+    """Loading a pipeline is quiet: transformers' warnings about optional packages
+    (torchvision), diffusers' notices (e.g. about accelerate) and both libraries'
+    per-component loading bars are noise on a scan's console, which shows its own
+    progress. Verbosity and bars are restored afterwards."""
+    libs = []
+    for name in ("transformers.utils.logging", "diffusers.utils.logging"):
+        try:
+            libs.append(importlib.import_module(name))
+        except ImportError:
+            pass
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libs]
+    for lib in libs:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
     try:
         yield
     finally:
-        tlog.set_verbosity(level)
+        for lib, level, bars in saved:
+            lib.set_verbosity(level)
+            if bars:
+                lib.enable_progress_bar()
 
 
 def load_model(spec: str, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:
