@@ -416,6 +416,22 @@ class _Dist:
         self.dist.all_gather_object(out, obj)
         return out
 
+    def settle(self):
+        """Return once every rank has come back from its last collective. A gloo rank
+        that destroys its group while a peer's last receive is still in flight aborts
+        that peer ("terminate called without an active exception", seen in CI), so
+        each rank posts a key in the rendezvous store (TCP, outside gloo's pairs) after
+        its last collective and waits for everyone's before tearing down."""
+        if self.world == 1:
+            return
+        try:
+            store = self.dist.distributed_c10d._get_default_store()
+        except (AttributeError, RuntimeError):  # no store API in this torch: a plain barrier
+            self.dist.barrier()
+            return
+        store.set(f"mmh_fast_scan_done_{self.rank}", "1")
+        store.wait([f"mmh_fast_scan_done_{r}" for r in range(self.world)])
+
     def close(self):
         if self.owned:
             self.dist.destroy_process_group()
@@ -673,6 +689,7 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
             _print_throughput(all_stats, loop_seconds, say)
             _print_side_columns(metrics, all_stats, say)
         if any(s["interrupted"] for s in all_stats):
+            dist.settle()
             return stats
         if rank == 0 and cfg.merge:
             stats.merged = m = merge(cfg.out)
@@ -682,6 +699,7 @@ def run_scan(cfg: ScanConfig, *, log=None) -> ScanStats:
                 + ("" if m["complete"] else f"; INCOMPLETE: {m['units_complete']}/{m['units_total']} units") + ")"
                 + describe_errors(m))
         dist.gather(None)  # keep every rank alive until the merge is written
+        dist.settle()
         return stats
     finally:
         loader_it = None
