@@ -112,7 +112,9 @@ def _resolve_scale(scale, t: np.ndarray, s: np.ndarray) -> float:
         if scale == "median_ratio":
             if ratio is None:
                 raise ValueError("scale='median_ratio' needs positive medians of lid_model and lid_data, got "
-                                 f"{float(np.median(t))} and {float(np.median(s))}; pass a number instead")
+                                 f"{float(np.median(t))} and {float(np.median(s))} (at least half of one side is 0, e.g. "
+                                 "exact duplicates of LID_* 0); pass scale=FACTOR (a positive number mapping "
+                                 "lid_model onto the lid_data scale) or scale='none'")
             return 1.0 / ratio
         if ratio is not None and not (1 / SCALE_TOLERANCE <= ratio <= SCALE_TOLERANCE):
             warnings.warn(
