@@ -503,3 +503,13 @@ def test_run_lab_writes_its_tables_and_report(tmp_path, one_thread, monkeypatch)
     assert all(r["prompts"] == 5 and np.isnan(r["auc_vs_planted"]) for r in capped["detection"])
     # detection measured again needs the generations, which are not stored: ground truth is measured again too
     assert capped["reused"] == []
+
+
+def test_roc_stats_or_nan_is_roc_stats_with_two_classes_and_nan_with_one():
+    from mmh_fast.lab.measure import roc_stats_or_nan
+
+    s, y = [0.1, 0.9, 0.4, 0.8], [False, True, False, True]
+    assert roc_stats_or_nan(s, y) == roc_stats(s, y) and roc_stats(s, y)["auc"] == 1.0
+    for one in ([True] * 4, [False] * 4):
+        r = roc_stats_or_nan(s, one)
+        assert np.isnan(r["auc"]) and np.isnan(r["tpr_at_1fpr"]) and r["fpr"] == [] and r["tpr"] == []

@@ -40,6 +40,16 @@ def roc_stats(scores, labels) -> dict:
             "fpr": fpr.tolist(), "tpr": tpr.tolist()}
 
 
+def roc_stats_or_nan(scores, labels) -> dict:
+    """:func:`roc_stats`, or NaN statistics and no ROC points when ``labels`` hold one
+    class only: a lab table row where the AUC is undefined (e.g. an untrained lab with
+    nothing memorized, or a cap that selects planted prompts only) says so with NaN."""
+    y = np.asarray(labels, bool).reshape(-1)
+    if 0 < int(y.sum()) < y.size:
+        return roc_stats(scores, y)
+    return {"auc": float("nan"), "tpr_at_1fpr": float("nan"), "fpr": [], "tpr": []}
+
+
 def _alignment_step(num_inference_steps: int) -> int:
     """t_low of norm_alignment_score: the paper's third-to-last step (the first on grids of fewer than 3 steps,
     as in the test labs)."""
@@ -133,11 +143,7 @@ def detection(pipe, prompts: Sequence[str], labels, *, guidance_scale: float, nu
         else:
             raise ValueError(f"unknown detector {m!r}")
         s = sign * np.asarray(torch.as_tensor(s, dtype=torch.float64).cpu().numpy(), np.float64).reshape(P)
-        # a lab may hold no memorized (or only memorized) prompts, e.g. an untrained one: the AUC is
-        # undefined there and the table says so with NaN, decided here rather than inside roc_stats
-        one_class = not 0 < int(np.sum(labels)) < P
-        st = {"auc": float("nan"), "tpr_at_1fpr": float("nan"), "fpr": [], "tpr": []} if one_class else \
-            roc_stats(s, labels)
+        st = roc_stats_or_nan(s, labels)
         rows.append({"detector": m, "what": what, "sign": sign, "auc": st["auc"], "tpr_at_1fpr": st["tpr_at_1fpr"],
                      "seconds_per_prompt": sec / P, "scores": s.tolist(), "fpr": st["fpr"], "tpr": st["tpr"]})
     return rows

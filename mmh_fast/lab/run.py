@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from .build import build
-from .measure import DETECTORS, attribution, detection, digit_classifier, image_level, mitigation, roc_stats
+from .measure import DETECTORS, attribution, detection, digit_classifier, image_level, mitigation, roc_stats_or_nan
 from .truth import COPY_THRESHOLD, ground_truth
 
 
@@ -216,11 +216,8 @@ def run_lab(out, *, size: str = "full", seed: int = 0, threads: int | None = 1, 
             det = detection(pipe, [texts[i] for i in sel], labels[sel], guidance_scale=cfg.guidance_scale,
                             num_inference_steps=cfg.num_inference_steps, num_images=cfg.n_generations, seed=seed,
                             generations=gt["images"][sel])
-            planted_sel = gt["planted"][sel]
-            for r in det:
-                # NaN when the selection holds one planted class only (a cap at or below the planted count)
-                r["auc_vs_planted"] = (roc_stats(r["scores"], planted_sel)["auc"]
-                                       if 0 < planted_sel.sum() < planted_sel.size else float("nan"))
+            for r in det:  # NaN when a cap at or below the planted count selects planted prompts only
+                r["auc_vs_planted"] = roc_stats_or_nan(r["scores"], gt["planted"][sel])["auc"]
                 r["prompts"] = len(sel)
                 r["memorized_prompts"] = int(labels[sel].sum())
             res["detection"] = [{k: v for k, v in r.items() if k not in ("scores", "fpr", "tpr")} for r in det]
@@ -372,8 +369,7 @@ class _Resume:
         rows = []
         for r in self.prev["detection"]:
             s = np.asarray(t[r["detector"]], np.float64)
-            y = np.asarray(t["memorized"], bool)
-            st = roc_stats(s, y) if 0 < y.sum() < y.size else {"fpr": [], "tpr": []}
+            st = roc_stats_or_nan(s, t["memorized"])
             rows.append({**r, "scores": s.tolist(), "fpr": st["fpr"], "tpr": st["tpr"]})
         return rows
 
